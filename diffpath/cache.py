@@ -1,0 +1,305 @@
+"""The error cache: one model pass per (model, data set, split), reduced to per-step moments.
+
+The UNet passes are the whole cost of the study, so they run once and their per-image, per-step
+moments are cached (see :mod:`diffpath.trajectory`); every feature variant, ablation, scorer and
+figure is then computed from the cache without touching the model again.
+
+Cache arrays (N images, T steps, 5 moments each, float64):
+
+=================  ===============  ===================================================
+key                shape            what
+=================  ===============  ===================================================
+``dp_eps``          (N, T, 5)       DiffPath: ε along the DDIM inversion path
+``dp_deps``         (N, T−1, 5)     DiffPath: Δε = diff(ε)·T
+``v2_err``          (N, T, 5)       DiffPathV2: score error e_t = ε̂ − ε
+``v2_derr``         (N, T−1, 5)     its temporal derivative
+``v2_werr``         (N, T, 5)       (1 − SSIM_t)·e_t
+``v2_dwerr``        (N, T−1, 5)     its temporal derivative
+``v2_ssim``         (N, T)          mean SSIM(x0, x̂0_t) per image and step
+``index``           (N,)            global image index
+``dp_timesteps``    (T,)            original timesteps of the DDIM path
+``v2_timesteps``    (T,)            original timesteps of the score errors
+``maps_*``          (M, T, C, H, W) per-pixel maps of the first M images (``n_maps``)
+=================  ===============  ===================================================
+
+Work is split into chunks of ``chunk_size`` images. Each finished chunk is written atomically to
+``OUT.parts/``; an interrupted run resumes from the chunks already there, and the final file is
+written atomically only when every chunk is done (then the parts are removed). Under torchrun each
+rank computes the chunks ``rank, rank + world, ...`` and rank 0 merges them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import save_npz_atomic, write_json_atomic
+from .models import EpsModel
+from .trajectory import ddim_coefficients, diffpath_path
+
+__all__ = ["CacheConfig", "compute_cache", "load_cache", "FAMILIES"]
+
+FAMILIES = ("diffpath", "diffpathv2")
+
+
+@dataclass
+class CacheConfig:
+    """What one cache pass computes.
+
+    Attributes:
+        families: which passes to run: ``"diffpath"`` (DDIM inversion) and/or ``"diffpathv2"``
+            (forward-noised score errors). Each costs ``steps`` model evaluations per image.
+        steps: DDIM steps of the DiffPath path (DiffPath uses 10).
+        clip_denoised: clip x̂0 on the DiffPath path (DiffPath does).
+        v2_timesteps: ``"diffpath"`` (the same respaced timesteps as the path) or an explicit list.
+        seed: global seed of DiffPathV2's noise.
+        noise_key: ``"content"`` or ``"index"`` (see :mod:`diffpath.score_error`).
+        clip_x0_hat: clip DiffPathV2's reconstruction before SSIM.
+        batch_size: images per model call.
+        chunk_size: images per resumable chunk (rounded up to a multiple of ``batch_size``).
+        n_maps: keep per-pixel maps of this many leading images, for figures.
+    """
+
+    families: tuple[str, ...] = FAMILIES
+    steps: int = 10
+    clip_denoised: bool = True
+    v2_timesteps: str | list[int] = "diffpath"
+    seed: int = 0
+    noise_key: str = "content"
+    clip_x0_hat: bool = False
+    batch_size: int = 256
+    chunk_size: int = 2048
+    n_maps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.families = tuple(self.families)
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown or not self.families:
+            raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {self.families}")
+        if self.steps < 2:
+            raise ValueError("steps must be at least 2 (the derivative needs two steps)")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError("batch_size and chunk_size must be positive")
+        if self.noise_key not in ("content", "index"):
+            raise ValueError("noise_key must be 'content' or 'index'")
+
+    def dp_timesteps(self, model: EpsModel) -> list[int]:
+        return model.schedule.respaced_timesteps(self.steps)
+
+    def v2_ts(self, model: EpsModel) -> list[int]:
+        if self.v2_timesteps == "diffpath":
+            return self.dp_timesteps(model)
+        ts = sorted(int(t) for t in self.v2_timesteps)
+        if len(ts) < 2 or ts[0] < 0 or ts[-1] >= model.num_timesteps:
+            raise ValueError(f"v2_timesteps must be ≥2 timesteps in [0, {model.num_timesteps - 1}]")
+        return ts
+
+    def fingerprint(self, model: EpsModel, n_images: int, data_key: str) -> str:
+        """Identity of a run: a resumed run must match it exactly."""
+        d = asdict(self)
+        for k in ("batch_size", "chunk_size"):  # do not change the numbers
+            d.pop(k)
+        d.update(model=model.spec, model_kind=model.kind, n=n_images, data=data_key,
+                 options=asdict(model.options))
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _prefetch(x0: np.ndarray, spans: Sequence[tuple[int, int]], device: torch.device,
+              depth: int = 2) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
+    """Move batches to the device in a background thread (pinned memory on CUDA)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    pin = device.type == "cuda"
+
+    def work() -> None:
+        try:
+            for s, e in spans:
+                t = torch.from_numpy(np.ascontiguousarray(x0[s:e], dtype=np.float32))
+                if pin:
+                    t = t.pin_memory()
+                q.put(((s, e), t.to(device, non_blocking=pin)))
+        except BaseException as exc:  # surfaced in the consumer
+            q.put(exc)
+        q.put(None)
+
+    th = threading.Thread(target=work, daemon=True)
+    th.start()
+    while True:
+        item = q.get()
+        if item is None:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+    th.join()
+
+
+def _batch_arrays(model: EpsModel, x: torch.Tensor, idx: torch.Tensor, cfg: CacheConfig,
+                  keep_maps: bool) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if "diffpath" in cfg.families:
+        coeffs = ddim_coefficients(model.schedule.alphas_cumprod, cfg.dp_timesteps(model))
+        r = diffpath_path(model, x, coeffs, clip_denoised=cfg.clip_denoised, keep_maps=keep_maps)
+        out["dp_eps"], out["dp_deps"] = r.eps_moments, r.deps_moments
+        if keep_maps:
+            out["maps_dp_eps"], out["maps_dp_xt"] = r.eps, r.xt
+    if "diffpathv2" in cfg.families:
+        from .score_error import ScoreErrorConfig, score_error_path
+
+        sc = ScoreErrorConfig(seed=cfg.seed, noise_key=cfg.noise_key, clip_x0_hat=cfg.clip_x0_hat)
+        keys = idx if cfg.noise_key == "index" else None
+        r2 = score_error_path(model, x, cfg.v2_ts(model), model.schedule.alphas_cumprod,
+                              keys=keys, config=sc, keep_maps=keep_maps)
+        out["v2_err"], out["v2_derr"] = r2.err_moments, r2.derr_moments
+        out["v2_werr"], out["v2_dwerr"] = r2.werr_moments, r2.dwerr_moments
+        out["v2_ssim"] = r2.ssim_mean
+        if keep_maps and r2.maps:
+            for k, v in r2.maps.items():
+                out[f"maps_v2_{k}"] = v
+    return out
+
+
+def _compute_chunk(model: EpsModel, x0: np.ndarray, span: tuple[int, int], cfg: CacheConfig,
+                   device: torch.device, bar) -> dict[str, np.ndarray]:
+    s0, e0 = span
+    spans = [(s, min(s + cfg.batch_size, e0)) for s in range(s0, e0, cfg.batch_size)]
+    parts: dict[str, list[np.ndarray]] = {}
+    for (s, e), x in _prefetch(x0, spans, device):
+        n_keep = max(0, min(e, cfg.n_maps) - s)
+        idx = torch.arange(s, e, device=device, dtype=torch.long)
+        res = _batch_arrays(model, x, idx, cfg, keep_maps=False)
+        if n_keep:
+            maps = _batch_arrays(model, x[:n_keep], idx[:n_keep], cfg, keep_maps=True)
+            res.update({k: v for k, v in maps.items() if k.startswith("maps_")})
+        for k, v in res.items():
+            parts.setdefault(k, []).append(v.detach().cpu().numpy())
+        if bar is not None:
+            bar.update(e - s)
+    out = {k: np.concatenate(v) for k, v in parts.items()}
+    out["index"] = np.arange(s0, e0, dtype=np.int64)
+    return out
+
+
+def compute_cache(
+    model: EpsModel,
+    x0: np.ndarray,
+    cfg: CacheConfig,
+    out: str | Path | None = None,
+    *,
+    data_key: str = "",
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    barrier=None,
+) -> dict[str, np.ndarray] | None:
+    """Run the model passes over ``x0`` and return (and optionally write) the cache.
+
+    Args:
+        model: the ε-model (already on its device and configured).
+        x0: (N, C, H, W) float32 images in [-1, 1] (a memory map is fine).
+        cfg: what to compute.
+        out: the final ``.npz``; chunks go to ``out + ".parts/"`` and make the run resumable.
+            Without ``out`` everything stays in memory.
+        data_key: identifies the input (e.g. a checksum); a resumed run must match it.
+        progress: show a tqdm progress bar.
+        rank, world_size, barrier: for sharding across processes (torchrun): each rank computes
+            every ``world_size``-th chunk; after ``barrier()`` rank 0 merges. Ranks other than 0
+            return ``None``.
+
+    Returns:
+        The cache arrays (see the module docstring), on rank 0.
+    """
+    x0 = np.asarray(x0) if not isinstance(x0, np.memmap) else x0
+    if x0.ndim != 4 or x0.shape[1] != model.channels:
+        raise ValueError(f"x0 must be (N, {model.channels}, H, W), got {x0.shape}")
+    device = model.device
+    n = int(x0.shape[0])
+    chunk = max(cfg.batch_size, (cfg.chunk_size // cfg.batch_size) * cfg.batch_size)
+    spans = _chunks(n, chunk)
+    mine = [i for i in range(len(spans)) if i % world_size == rank]
+    fp = cfg.fingerprint(model, n, data_key)
+    meta = {"fingerprint": fp, "n": n, "chunk": chunk, "config": asdict(cfg)}
+
+    parts_dir: Path | None = None
+    if out is not None:
+        out = Path(out)
+        parts_dir = out.with_name(out.name + ".parts")
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        meta_file = parts_dir / "meta.json"
+        if meta_file.is_file():
+            old = json.loads(meta_file.read_text())
+            if old.get("fingerprint") != fp or old.get("chunk") != chunk:
+                if rank == 0:
+                    shutil.rmtree(parts_dir)  # stale parts from another configuration
+                    parts_dir.mkdir(parents=True)
+        if rank == 0:
+            write_json_atomic(meta_file, meta)
+        if barrier is not None:
+            barrier()
+
+    def part_file(i: int) -> Path:
+        assert parts_dir is not None
+        return parts_dir / f"chunk_{i:06d}.npz"
+
+    todo = [i for i in mine if parts_dir is None or not part_file(i).is_file()]
+    results: dict[int, dict[str, np.ndarray]] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = sum(spans[i][1] - spans[i][0] for i in mine)
+        done = total - sum(spans[i][1] - spans[i][0] for i in todo)
+        bar = tqdm(total=total, initial=done, unit="img", desc=f"errors{'' if world_size == 1 else f'[{rank}]'}",
+                   position=rank, leave=True)
+    try:
+        for i in todo:
+            arr = _compute_chunk(model, x0, spans[i], cfg, device, bar)
+            if parts_dir is not None:
+                save_npz_atomic(part_file(i), arr)
+            else:
+                results[i] = arr
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if barrier is not None:
+        barrier()
+    if rank != 0:
+        return None
+    loaded = []
+    for i in range(len(spans)):
+        if i in results:
+            loaded.append(results[i])
+        else:
+            with np.load(part_file(i)) as z:
+                loaded.append({k: z[k] for k in z.files})
+    merged = {k: np.concatenate([p[k] for p in loaded if k in p]) for k in loaded[0]}
+    merged["dp_timesteps"] = np.asarray(cfg.dp_timesteps(model), dtype=np.int64)
+    if "diffpathv2" in cfg.families:
+        merged["v2_timesteps"] = np.asarray(cfg.v2_ts(model), dtype=np.int64)
+    merged["meta"] = np.asarray(json.dumps(meta, default=str))
+    if out is not None:
+        save_npz_atomic(out, merged)
+        assert parts_dir is not None
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    return merged
+
+
+def load_cache(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a cache written by :func:`compute_cache`."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

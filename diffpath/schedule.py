@@ -1,0 +1,139 @@
+"""Noise schedules in float64, and respacing to a few DDIM steps.
+
+This is the one place that knows ᾱ. Everything is kept in float64 numpy arrays (as
+improved-diffusion does) and only turned into tensors of the working precision at the last moment.
+
+Conventions
+-----------
+* ``T`` is the number of training timesteps of the base model (1000 for most DDPMs, 4000 for
+  DiffPath's improved-diffusion checkpoints); timesteps are integers ``0 .. T-1``.
+* ``alphas_cumprod[t]`` is ᾱ_t, the signal fraction *after* step ``t``: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε.
+* A *respaced* schedule keeps ``n`` of the ``T`` timesteps; its own betas are re-derived from the kept
+  ᾱ values (``1 − ᾱ_k / ᾱ_{k-1}``), exactly as improved-diffusion's ``SpacedDiffusion`` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "NoiseSchedule",
+    "linear_betas",
+    "cosine_betas",
+    "betas_for",
+    "space_timesteps",
+]
+
+
+def linear_betas(num_timesteps: int) -> np.ndarray:
+    """The linear schedule of Ho et al., scaled so that any ``T`` spans the same total noise.
+
+    For ``T = 1000`` this is ``linspace(1e-4, 0.02, 1000)``; improved-diffusion scales both ends by
+    ``1000 / T`` for other lengths.
+    """
+    scale = 1000.0 / num_timesteps
+    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """The cosine schedule of Nichol & Dhariwal (2021).
+
+    ᾱ(u) = cos²(((u + s) / (1 + s))·π/2) for u = t/T; β_t = 1 − ᾱ((t+1)/T)/ᾱ(t/T), clipped at
+    ``max_beta``.
+    """
+
+    def abar(u: float) -> float:
+        return math.cos((u + s) / (1.0 + s) * math.pi / 2.0) ** 2
+
+    betas = [
+        min(1.0 - abar((i + 1) / num_timesteps) / abar(i / num_timesteps), max_beta)
+        for i in range(num_timesteps)
+    ]
+    return np.asarray(betas, dtype=np.float64)
+
+
+def betas_for(name: str, num_timesteps: int) -> np.ndarray:
+    """Betas of a named schedule: ``"linear"`` or ``"cosine"`` (diffusers' ``squaredcos_cap_v2``)."""
+    key = name.lower()
+    if key in ("linear",):
+        return linear_betas(num_timesteps)
+    if key in ("cosine", "squaredcos_cap_v2"):
+        return cosine_betas(num_timesteps)
+    raise ValueError(f"unknown noise schedule {name!r}; expected 'linear' or 'cosine'")
+
+
+def space_timesteps(num_timesteps: int, n_steps: int) -> list[int]:
+    """Evenly spaced timesteps, improved-diffusion's ``"ddimN"`` rule.
+
+    The stride is the smallest integer for which ``range(0, T, stride)`` has exactly ``n_steps``
+    elements, so the kept timesteps are ``0, stride, 2·stride, ...`` (for T=4000, N=10:
+    0, 400, ..., 3600). If no integer stride gives exactly ``n_steps`` elements, falls back to the
+    rounded, evenly spaced section rule (improved-diffusion's plain ``"N"`` respacing).
+    """
+    if not 1 <= n_steps <= num_timesteps:
+        raise ValueError(f"n_steps must be in [1, {num_timesteps}], got {n_steps}")
+    for stride in range(1, num_timesteps + 1):
+        kept = list(range(0, num_timesteps, stride))
+        if len(kept) == n_steps:
+            return kept
+        if len(kept) < n_steps:
+            break
+    if n_steps == 1:
+        return [0]
+    frac = (num_timesteps - 1) / (n_steps - 1)
+    return sorted({int(round(i * frac)) for i in range(n_steps)})
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """A discrete DDPM noise schedule (float64).
+
+    Attributes:
+        betas: ``(T,)`` float64.
+        name: a label (``"linear"``, ``"cosine"`` or ``"custom"``).
+    """
+
+    betas: np.ndarray
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        b = np.asarray(self.betas, dtype=np.float64)
+        if b.ndim != 1 or len(b) == 0:
+            raise ValueError("betas must be a non-empty 1-D array")
+        if not np.all((b > 0) & (b <= 1)):
+            raise ValueError("betas must lie in (0, 1]")
+        object.__setattr__(self, "betas", b)
+
+    @classmethod
+    def named(cls, name: str, num_timesteps: int) -> NoiseSchedule:
+        return cls(betas_for(name, num_timesteps), name=name.lower())
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(len(self.betas))
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_t for t = 0..T-1, float64 ``(T,)``."""
+        return np.cumprod(1.0 - self.betas)
+
+    def alpha_bar(self, timesteps) -> np.ndarray:
+        """ᾱ at the given integer timesteps (float64)."""
+        t = np.asarray(timesteps, dtype=np.int64)
+        if np.any(t < 0) or np.any(t >= self.num_timesteps):
+            raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
+        return self.alphas_cumprod[t]
+
+    def respaced_timesteps(self, n_steps: int) -> list[int]:
+        """The ``n_steps`` original timesteps a DDIM-``n_steps`` process visits (ascending)."""
+        return space_timesteps(self.num_timesteps, n_steps)
+
+    def respace(self, timesteps) -> NoiseSchedule:
+        """The schedule of the process that keeps only ``timesteps``; its betas are re-derived
+        from the kept ᾱ values (``β_k = 1 − ᾱ_k/ᾱ_{k−1}``, with ᾱ_{−1} = 1)."""
+        kept = self.alpha_bar(sorted(timesteps))
+        prev = np.concatenate([[1.0], kept[:-1]])
+        return NoiseSchedule(1.0 - kept / prev, name=f"{self.name}-respaced")

@@ -1,0 +1,161 @@
+"""Density scorers as scikit-learn estimators.
+
+Both follow DiffPath: fit a density on in-distribution *training* features and score test images
+by their log-density (``score_samples``; higher = more in-distribution).
+
+* :class:`GMMScorer`: ``StandardScaler`` + ``GaussianMixture`` whose number of components and
+  covariance type are chosen by ``GridSearchCV`` (mean held-out log-likelihood). DiffPath's grid is
+  n_components ∈ {50, 100} × covariance ∈ {full, tied, diag, spherical}, max_iter 200, 10-fold.
+  When the training set is too small for the grid (a fold's training part must hold more samples
+  than the mixture has components) the grid shrinks automatically and a warning says how.
+* :class:`KDEScorer`: a Gaussian kernel density with a fixed bandwidth (DiffPath uses 5 on the raw
+  1-D curvature).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.mixture import GaussianMixture
+from sklearn.model_selection import GridSearchCV, KFold
+from sklearn.neighbors import KernelDensity
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+__all__ = ["GMMScorer", "KDEScorer", "make_scorer", "DEFAULT_GRID"]
+
+DEFAULT_GRID: dict[str, list] = {
+    "n_components": [50, 100],
+    "covariance_type": ["full", "tied", "diag", "spherical"],
+}
+
+
+def _check_X(X, n_features: int | None = None) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[:, None]
+    if X.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {X.shape}")
+    if not np.all(np.isfinite(X)):
+        bad = int((~np.isfinite(X)).any(axis=1).sum())
+        raise ValueError(f"{bad} feature rows hold NaN or inf")
+    if n_features is not None and X.shape[1] != n_features:
+        raise ValueError(f"expected {n_features} features, got {X.shape[1]}")
+    return X
+
+
+class GMMScorer(BaseEstimator):
+    """StandardScaler + GaussianMixture, hyper-parameters by cross-validated grid search.
+
+    Args:
+        n_components: candidate numbers of mixture components.
+        covariance_type: candidate covariance types.
+        cv: number of folds.
+        max_iter: EM iterations per fit.
+        random_state: seed for the mixtures' initialisation and the folds' shuffling.
+        n_jobs: parallel jobs for the grid search.
+    """
+
+    def __init__(
+        self,
+        n_components: Sequence[int] = (50, 100),
+        covariance_type: Sequence[str] = ("full", "tied", "diag", "spherical"),
+        cv: int = 10,
+        max_iter: int = 200,
+        random_state: int | None = 0,
+        n_jobs: int | None = None,
+        reg_covar: float = 1e-6,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.cv = cv
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+        self.reg_covar = reg_covar
+
+    def effective_grid(self, n_samples: int) -> tuple[dict[str, list], int]:
+        """The grid and fold count that a training set of ``n_samples`` can support."""
+        cv = int(min(self.cv, n_samples))
+        if cv < 2:
+            raise ValueError(f"need at least 2 training samples to fit a GMM, got {n_samples}")
+        fold_train = n_samples - int(np.ceil(n_samples / cv))
+        comps = sorted({int(k) for k in self.n_components})
+        fits = [k for k in comps if k < fold_train]
+        if not fits:
+            fits = [max(1, min(comps[0], fold_train // 2))]
+        return {"GMM__n_components": fits, "GMM__covariance_type": list(self.covariance_type)}, cv
+
+    def fit(self, X, y=None) -> GMMScorer:
+        X = _check_X(X)
+        grid, cv = self.effective_grid(len(X))
+        asked = sorted({int(k) for k in self.n_components})
+        if grid["GMM__n_components"] != asked or cv != self.cv:
+            warnings.warn(
+                f"training set of {len(X)} samples is too small for the GMM grid "
+                f"(n_components={asked}, cv={self.cv}); using n_components="
+                f"{grid['GMM__n_components']}, cv={cv}",
+                UserWarning,
+                stacklevel=2,
+            )
+        pipe = Pipeline(
+            [
+                ("scaler", StandardScaler()),
+                (
+                    "GMM",
+                    GaussianMixture(
+                        max_iter=self.max_iter,
+                        random_state=self.random_state,
+                        reg_covar=self.reg_covar,
+                    ),
+                ),
+            ]
+        )
+        folds = KFold(n_splits=cv, shuffle=True, random_state=self.random_state)
+        search = GridSearchCV(pipe, grid, cv=folds, n_jobs=self.n_jobs, error_score=-np.inf)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*did not converge.*")
+            search.fit(X)
+        if not np.isfinite(search.best_score_):
+            raise RuntimeError("every GMM in the grid failed to fit these features")
+        self.best_params_ = {k.split("__", 1)[1]: v for k, v in search.best_params_.items()}
+        self.cv_results_ = search.cv_results_
+        self.best_score_ = float(search.best_score_)
+        self.pipeline_ = search.best_estimator_
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def score_samples(self, X) -> np.ndarray:
+        """Log-density of each row (N,), in the scaler's standardised space."""
+        check_is_fitted(self, "pipeline_")
+        return self.pipeline_.score_samples(_check_X(X, self.n_features_in_))
+
+
+class KDEScorer(BaseEstimator):
+    """Gaussian kernel density on raw features (DiffPath's 1-D scorer, bandwidth 5)."""
+
+    def __init__(self, bandwidth: float = 5.0):
+        self.bandwidth = bandwidth
+
+    def fit(self, X, y=None) -> KDEScorer:
+        X = _check_X(X)
+        self.kde_ = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth).fit(X)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def score_samples(self, X) -> np.ndarray:
+        check_is_fitted(self, "kde_")
+        return self.kde_.score_samples(_check_X(X, self.n_features_in_))
+
+
+def make_scorer(kind: str, **params) -> BaseEstimator:
+    """``"gmm"`` → :class:`GMMScorer`, ``"kde"`` → :class:`KDEScorer`."""
+    if kind == "gmm":
+        return GMMScorer(**params)
+    if kind == "kde":
+        return KDEScorer(**params)
+    raise ValueError(f"unknown scorer {kind!r}; expected 'gmm' or 'kde'")
