@@ -66,7 +66,7 @@ class CacheConfig:
         noise_key: ``"content"`` or ``"index"`` (see :mod:`diffpath.score_error`).
         clip_x0_hat: clip DiffPathV2's reconstruction before SSIM.
         batch_size: images per model call.
-        chunk_size: images per resumable chunk (rounded up to a multiple of ``batch_size``).
+        chunk_size: images per resumable chunk.
         n_maps: keep per-pixel maps of this many leading images, for figures.
     """
 
@@ -110,7 +110,7 @@ class CacheConfig:
         d = asdict(self)
         for k in ("batch_size", "chunk_size"):  # do not change the numbers
             d.pop(k)
-        d.update(model=model.spec, model_kind=model.kind, n=n_images, data=data_key,
+        d.update(model=model.fingerprint(), model_kind=model.kind, n=n_images, data=data_key,
                  options=asdict(model.options))
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -205,6 +205,7 @@ def compute_cache(
     rank: int = 0,
     world_size: int = 1,
     barrier=None,
+    work_dir: str | Path | None = None,
 ) -> dict[str, np.ndarray] | None:
     """Run the model passes over ``x0`` and return (and optionally write) the cache.
 
@@ -219,6 +220,8 @@ def compute_cache(
         rank, world_size, barrier: for sharding across processes (torchrun): each rank computes
             every ``world_size``-th chunk; after ``barrier()`` rank 0 merges. Ranks other than 0
             return ``None``.
+        work_dir: where the chunk parts go (default ``out + ".parts"``). Put it outside a DVC
+            output so that a pipeline restart does not delete finished chunks.
 
     Returns:
         The cache arrays (see the module docstring), on rank 0.
@@ -228,7 +231,7 @@ def compute_cache(
         raise ValueError(f"x0 must be (N, {model.channels}, H, W), got {x0.shape}")
     device = model.device
     n = int(x0.shape[0])
-    chunk = max(cfg.batch_size, (cfg.chunk_size // cfg.batch_size) * cfg.batch_size)
+    chunk = cfg.chunk_size  # independent of the batch size, so a resumed run may change it
     spans = _chunks(n, chunk)
     mine = [i for i in range(len(spans)) if i % world_size == rank]
     fp = cfg.fingerprint(model, n, data_key)
@@ -237,7 +240,7 @@ def compute_cache(
     parts_dir: Path | None = None
     if out is not None:
         out = Path(out)
-        parts_dir = out.with_name(out.name + ".parts")
+        parts_dir = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".parts")
         parts_dir.mkdir(parents=True, exist_ok=True)
         meta_file = parts_dir / "meta.json"
         if meta_file.is_file():

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffpath: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("diffpath: interrupted; nothing was written", file=sys.stderr)
+        print("diffpath: interrupted", file=sys.stderr)
         return 130
     return 0
 

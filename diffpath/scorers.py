@@ -6,8 +6,9 @@ by their log-density (``score_samples``; higher = more in-distribution).
 * :class:`GMMScorer`: ``StandardScaler`` + ``GaussianMixture`` whose number of components and
   covariance type are chosen by ``GridSearchCV`` (mean held-out log-likelihood). DiffPath's grid is
   n_components ∈ {50, 100} × covariance ∈ {full, tied, diag, spherical}, max_iter 200, 10-fold.
-  When the training set is too small for the grid (a fold's training part must hold more samples
-  than the mixture has components) the grid shrinks automatically and a warning says how.
+  When the training set is too small for the grid (a fold's training part must hold at least
+  ``min_samples_per_component`` (10) samples per mixture component) the grid shrinks automatically
+  and a warning says how.
 * :class:`KDEScorer`: a Gaussian kernel density with a fixed bandwidth (DiffPath uses 5 on the raw
   1-D curvature).
 """
@@ -25,6 +26,7 @@ from sklearn.neighbors import KernelDensity
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
+from threadpoolctl import threadpool_limits
 
 __all__ = ["GMMScorer", "KDEScorer", "make_scorer", "DEFAULT_GRID"]
 
@@ -69,6 +71,7 @@ class GMMScorer(BaseEstimator):
         random_state: int | None = 0,
         n_jobs: int | None = None,
         reg_covar: float = 1e-6,
+        min_samples_per_component: int = 10,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -77,6 +80,7 @@ class GMMScorer(BaseEstimator):
         self.random_state = random_state
         self.n_jobs = n_jobs
         self.reg_covar = reg_covar
+        self.min_samples_per_component = min_samples_per_component
 
     def effective_grid(self, n_samples: int) -> tuple[dict[str, list], int]:
         """The grid and fold count that a training set of ``n_samples`` can support."""
@@ -85,9 +89,11 @@ class GMMScorer(BaseEstimator):
             raise ValueError(f"need at least 2 training samples to fit a GMM, got {n_samples}")
         fold_train = n_samples - int(np.ceil(n_samples / cv))
         comps = sorted({int(k) for k in self.n_components})
-        fits = [k for k in comps if k < fold_train]
+        # a mixture needs several samples per component, or it collapses onto single points
+        cap = max(1, fold_train // max(1, self.min_samples_per_component))
+        fits = [k for k in comps if k <= cap]
         if not fits:
-            fits = [max(1, min(comps[0], fold_train // 2))]
+            fits = [min(comps[0], cap)]
         return {"GMM__n_components": fits, "GMM__covariance_type": list(self.covariance_type)}, cv
 
     def fit(self, X, y=None) -> GMMScorer:
@@ -117,7 +123,8 @@ class GMMScorer(BaseEstimator):
         )
         folds = KFold(n_splits=cv, shuffle=True, random_state=self.random_state)
         search = GridSearchCV(pipe, grid, cv=folds, n_jobs=self.n_jobs, error_score=-np.inf)
-        with warnings.catch_warnings():
+        # small EM problems are many times slower with a multi-threaded BLAS on a busy machine
+        with warnings.catch_warnings(), threadpool_limits(limits=1):
             warnings.filterwarnings("ignore", message=".*did not converge.*")
             search.fit(X)
         if not np.isfinite(search.best_score_):

@@ -42,16 +42,18 @@ def test_gmm_scorer_separates_and_is_sklearn_estimator():
 def test_gmm_grid_shrinks_with_warning_for_small_training_sets():
     X = np.random.default_rng(1).normal(size=(60, 6))
     sc = GMMScorer(cv=10)  # DiffPath's default grid: 50 and 100 components
+    grid, cv = sc.effective_grid(600)
+    assert grid["GMM__n_components"] == [50] and cv == 10  # folds train on 540: at most 54 components
+    grid, cv = sc.effective_grid(1200)
+    assert grid["GMM__n_components"] == [50, 100]
     grid, cv = sc.effective_grid(60)
-    assert grid["GMM__n_components"] == [50] and cv == 10  # folds train on 54 samples
-    grid, cv = sc.effective_grid(30)
-    assert grid["GMM__n_components"] and max(grid["GMM__n_components"]) < 27
+    assert grid["GMM__n_components"] == [5] and cv == 10  # 54 per fold → 5 components
     with pytest.warns(UserWarning, match="too small for the GMM grid"):
         GMMScorer(n_components=(50, 100), covariance_type=("diag",), cv=5, max_iter=20).fit(X[:40])
 
 
 def test_gmm_default_grid_no_warning_on_large_set():
-    X = np.random.default_rng(2).normal(size=(1200, 2))
+    X = np.random.default_rng(2).normal(size=(2400, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         GMMScorer(covariance_type=("spherical",), cv=2, max_iter=5).fit(X)

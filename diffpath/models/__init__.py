@@ -127,6 +127,19 @@ class EpsModel:
         except StopIteration:  # parameter-free analytic nets
             return torch.device("cpu")
 
+    def fingerprint(self) -> str:
+        """A short hash of the network's weights and the schedule (identifies the model itself,
+        not where it was loaded from)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.net.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        h.update(self.schedule.betas.tobytes())
+        h.update(repr((self.timestep_scale, self.channels, self.image_size)).encode())
+        return h.hexdigest()[:16]
+
     @property
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
@@ -216,7 +229,7 @@ def _load_diffusers_folder(folder: Path) -> EpsModel:
             f"{folder}: not a diffusers model folder (expected unet/ or config.json inside)"
         )
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir))
+        unet = UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
     except Exception as exc:  # diffusers raises a zoo of exception types
         raise ModelLoadError(f"{unet_dir}: cannot load UNet2DModel: {exc}") from exc
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else {}

@@ -1,0 +1,590 @@
+"""Image files in, model inputs out: the one place that turns a user's files into ``x0``.
+
+:func:`find_images` expands folders and globs into a sorted list of files; :func:`read_image`
+decodes one file into uint8 pixels; :func:`preprocess` turns those pixels into the model's input.
+A :class:`Preprocessing` names the whole recipe (size, channels, resize mode, alpha handling) and
+is saved with a detector, so that ``diffpath fit`` and ``diffpath score`` run the *same* function
+on every image. :func:`load_images` does all three for a list of files, skipping (with a warning)
+or refusing (``strict``) files that cannot be read.
+
+Formats and modes
+-----------------
+Any format Pillow reads; folders are searched for :data:`IMAGE_EXTENSIONS` (PNG, JPEG, BMP,
+TIFF, WebP, GIF; case-insensitive). Multi-frame files (animated GIF/WebP, multi-page TIFF) give
+their first frame. The EXIF orientation tag is applied (camera photos come out upright).
+Decoded pixels are uint8, ``(H, W)`` for grayscale modes and ``(H, W, 3)`` for colour modes:
+
+==================  ==========================================================================
+mode                becomes
+==================  ==========================================================================
+``1``               gray, 0 / 255
+``L``               gray, as is
+``LA``, ``La``      gray; alpha per :attr:`Preprocessing.alpha` (below)
+``P``, ``PA``       RGB through the palette (RGBA when the palette has transparency)
+``RGB``             as is
+``RGBA``, ``RGBa``  RGB; alpha per :attr:`Preprocessing.alpha`
+``CMYK``            RGB by Pillow's conversion (``255 − C − K`` etc., no colour management)
+``YCbCr``, ``LAB``, ``HSV``  RGB by Pillow's conversion
+``I;16*``           16-bit gray: ``round(v · 255 / (2^b − 1))`` where ``b`` is the *declared*
+                    bit depth: the PNG ``sBIT`` chunk if present (12-bit data in a 16-bit PNG
+                    gives b = 12), else the TIFF ``BitsPerSample`` tag, else 16
+``I``               32-bit integer gray: as ``I;16`` with the declared depth; when the declared
+                    depth is 32 (or unknown) but every value fits 16 bits (the usual 16-bit data
+                    stored as 32-bit), b = 16. Negative values become 0.
+``F``               float gray, taken to lie in [0, 1] (clipped), × 255; NaN/inf → unreadable
+==================  ==========================================================================
+
+**Alpha** (``alpha="composite"``, the default): the colour is composited over *black*,
+``round(c · a / 255)``, so fully transparent pixels are black (the background of the white-on-black
+sets the embedded base model knows). ``alpha="drop"`` ignores the alpha channel and keeps the
+stored colour, whatever it is under transparent pixels.
+
+Spatial size (:attr:`Preprocessing.resize`)
+-------------------------------------------
+Channels are matched first (RGB → gray by ITU-R 601-2 luma, gray → RGB by repetition), then:
+
+* ``"auto"``: :func:`diffpath.data.to_model_input`'s rule: unchanged at the model's size, zero-pad
+  symmetrically when both sides are 1-4 pixels short by an even amount (28 → 32), Pillow bilinear
+  resize to ``size × size`` otherwise (the aspect ratio is not kept);
+* ``"bilinear"``: always Pillow bilinear to ``size × size`` (antialiased when shrinking);
+* ``"pad"``: zero-pad to ``size × size`` (an odd difference puts the extra row/column at the
+  bottom/right); an image larger than the model's size cannot be padded and is unreadable;
+* ``"center-crop"``: crop the central square (side = the shorter side, offsets rounded as
+  torchvision's ``CenterCrop``), then bilinear to ``size × size``: keeps the aspect ratio.
+
+Finally pixels are scaled to [-1, 1] by ``x / 127.5 − 1``.
+
+Exporting demo images
+---------------------
+``python -m diffpath.images export fashion_mnist --split train --n 500 --out demo/normal`` writes
+images of any registered data set (:func:`diffpath.data.load_split`) as PNG files, for trying
+``diffpath fit`` / ``diffpath score`` offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import struct
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .io import InputError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RESIZE_MODES",
+    "ALPHA_MODES",
+    "ImageReadError",
+    "NoImagesError",
+    "ImageSkippedWarning",
+    "Preprocessing",
+    "LoadedImages",
+    "find_images",
+    "read_image",
+    "preprocess",
+    "load_images",
+    "export_images",
+    "main",
+]
+
+#: File name extensions (lower case) that folder expansion picks up.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif"}
+)
+RESIZE_MODES: tuple[str, ...] = ("auto", "pad", "bilinear", "center-crop")
+ALPHA_MODES: tuple[str, ...] = ("composite", "drop")
+
+_GLOB_CHARS = set("*?[")
+
+
+class ImageReadError(InputError):
+    """One image file that cannot be decoded or preprocessed."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: cannot read image ({reason})")
+
+
+class NoImagesError(InputError):
+    """An input (folder, glob, file list) that yields no usable image."""
+
+
+class ImageSkippedWarning(UserWarning):
+    """An unreadable image was skipped (not under ``strict``)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# finding files
+
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in _GLOB_CHARS)
+
+
+def _has_image_ext(p: Path, extensions: Iterable[str]) -> bool:
+    return p.suffix.lower() in extensions
+
+
+def _walk(folder: Path, extensions: frozenset[str]) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip hidden folders (.git, work dirs)
+        for name in files:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
+                found.append(Path(root) / name)
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def find_images(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+) -> list[Path]:
+    """Expand files, folders and globs into a list of image files.
+
+    * a folder: every file below it (recursively; hidden files and folders skipped) whose
+      extension is in ``extensions`` (case-insensitive), sorted by path;
+    * a glob (``*``, ``?``, ``[``; ``**`` recurses): the matching files with an image extension,
+      sorted, and matching folders expanded as above;
+    * a file: taken as is, whatever its extension (it is decoded by content).
+
+    Inputs are expanded in the order given; a file reached twice is kept once (first place).
+
+    Raises:
+        NoImagesError: an input that does not exist, a folder or glob that matches no image, or
+            no images at all.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    exts = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
+    if not inputs:
+        raise NoImagesError("no input images given")
+    out: list[Path] = []
+    seen: set[str] = set()
+    for item in inputs:
+        s = os.fspath(item)
+        p = Path(s)
+        if p.is_dir():
+            found = _walk(p, exts)
+            if not found:
+                raise NoImagesError(
+                    f"{s}: folder holds no images (looked for {', '.join(sorted(exts))}, recursively)"
+                )
+        elif p.is_file():
+            found = [p]
+        elif _is_glob(s):
+            found = []
+            for m in sorted(glob.glob(s, recursive=True)):
+                mp = Path(m)
+                if mp.is_dir():
+                    found.extend(_walk(mp, exts))
+                elif mp.is_file() and _has_image_ext(mp, exts):
+                    found.append(mp)
+            if not found:
+                raise NoImagesError(f"{s}: no images matched")
+        else:
+            raise NoImagesError(f"{s}: no such file or folder")
+        for f in found:
+            key = os.path.normcase(os.path.abspath(f))
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    if not out:  # pragma: no cover - every branch above raises first
+        raise NoImagesError("no images found")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+
+def _png_declared_bits(path: Path) -> int | None:
+    """Significant bits of a grayscale PNG: the sBIT chunk if present, else IHDR's bit depth."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+                return None
+            depth = None
+            while True:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return depth
+                length, ctype = struct.unpack(">I4s", head)
+                if ctype == b"IHDR":
+                    data = fh.read(length)
+                    depth = data[8] if len(data) >= 9 else None
+                    fh.seek(4, 1)
+                elif ctype == b"sBIT":
+                    data = fh.read(length)
+                    return int(data[0]) if data and 0 < data[0] <= 16 else depth
+                elif ctype in (b"IDAT", b"IEND"):
+                    return depth
+                else:
+                    fh.seek(length + 4, 1)
+    except OSError:
+        return None
+
+
+def _declared_bits(im: Any, path: Path) -> int | None:
+    fmt = (im.format or "").upper()
+    if fmt == "PNG":
+        return _png_declared_bits(path)
+    if fmt == "TIFF":
+        bps = getattr(im, "tag_v2", {}).get(258)
+        if bps:
+            b = bps[0] if isinstance(bps, (tuple, list)) else bps
+            return int(b)
+    return None
+
+
+def _scale_int_gray(a: np.ndarray, bits: int) -> np.ndarray:
+    a = a.astype(np.int64)
+    top = (1 << bits) - 1
+    a = np.clip(a, 0, top)
+    # round(v · 255 / top) in exact integer arithmetic
+    return ((a * 255 * 2 + top) // (2 * top)).astype(np.uint8)
+
+
+def _apply_alpha(color: np.ndarray, a: np.ndarray, alpha: str) -> np.ndarray:
+    if alpha == "drop":
+        return color
+    c = color.astype(np.uint32)
+    w = a.astype(np.uint32)
+    if c.ndim == 3:
+        w = w[..., None]
+    return ((c * w + 127) // 255).astype(np.uint8)
+
+
+def _pixels(im: Any, bits: int | None, alpha: str) -> np.ndarray:
+    """A loaded PIL image → uint8 (H, W) or (H, W, 3) (see the module docstring)."""
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info
+        im = im.convert("RGBA" if has_alpha else "RGB")
+        mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im)
+        if mode == "I":
+            if bits is None or bits > 16:
+                bits = 16 if (a.size == 0 or int(a.max()) <= 0xFFFF) else 32
+        elif bits is None or bits > 16:
+            bits = 16
+        return _scale_int_gray(a, max(1, min(int(bits), 32)))
+    if mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if not np.all(np.isfinite(a)):
+            raise ValueError("float image holds NaN or inf pixels")
+        return np.round(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if mode in ("LA", "La"):
+        a = np.asarray(im.convert("LA"), dtype=np.uint8)
+        return _apply_alpha(a[..., 0], a[..., 1], alpha)
+    if mode in ("RGBA", "RGBa"):
+        a = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+        return _apply_alpha(a[..., :3], a[..., 3], alpha)
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)  # CMYK, YCbCr, LAB, HSV, RGBX, ...
+
+
+def read_image(path: str | os.PathLike, *, alpha: str = "composite") -> np.ndarray:
+    """Decode one image file into uint8 pixels, ``(H, W)`` (gray) or ``(H, W, 3)`` (colour).
+
+    Args:
+        path: the file (any format Pillow reads; the extension is not consulted).
+        alpha: ``"composite"`` (over black) or ``"drop"``; see the module docstring.
+
+    Raises:
+        ImageReadError: the file is missing, truncated, corrupt, not an image, too large for
+            Pillow's decompression-bomb limit, or of an unsupported mode.
+    """
+    from PIL import Image, ImageOps
+
+    if alpha not in ALPHA_MODES:
+        raise ValueError(f"alpha must be one of {', '.join(ALPHA_MODES)}, got {alpha!r}")
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            bits = _declared_bits(im, path) if im.mode.startswith("I") else None
+            try:  # (returns a copy, without .format: read the declared depth first)
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block: keep the pixels as stored
+                pass
+            arr = _pixels(im, bits, alpha)
+    except (ImageReadError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise ImageReadError(path, msg) from exc
+    if arr.ndim not in (2, 3) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(path, f"unexpected pixel array of shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+# ----------------------------------------------------------------------------------------------
+# preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How decoded pixels become the model's input; saved with a detector.
+
+    Attributes:
+        size: the model's square input size.
+        channels: the model's channels (1 or 3).
+        resize: one of :data:`RESIZE_MODES` (see the module docstring).
+        alpha: one of :data:`ALPHA_MODES`.
+    """
+
+    size: int
+    channels: int
+    resize: str = "auto"
+    alpha: str = "composite"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize {self.resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+        if self.alpha not in ALPHA_MODES:
+            raise ValueError(f"unknown alpha {self.alpha!r}; choose one of {', '.join(ALPHA_MODES)}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if int(self.size) < 1:
+            raise ValueError(f"size must be positive, got {self.size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(size=int(d["size"]), channels=int(d["channels"]), resize=str(d.get("resize", "auto")),
+                   alpha=str(d.get("alpha", "composite")))
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return preprocess(image, self)
+
+
+def preprocess(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """uint8 pixels ``(H, W)`` / ``(H, W, 3)`` → float32 ``(channels, size, size)`` in [-1, 1].
+
+    The single preprocessing function of fit and score (see the module docstring).
+
+    Raises:
+        ValueError: pixels of the wrong dtype/shape, or an image too large for ``resize="pad"``.
+    """
+    from .data import to_model_input
+
+    x = np.asarray(image)
+    if x.dtype != np.uint8:
+        raise ValueError(f"pixels must be uint8, got {x.dtype}")
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
+        raise ValueError(f"pixels must be (H, W) or (H, W, 3), got shape {x.shape}")
+    size = int(prep.size)
+    h, w = x.shape[:2]
+    mode = prep.resize
+    if mode == "center-crop":
+        s = min(h, w)
+        top, left = int(round((h - s) / 2.0)), int(round((w - s) / 2.0))
+        x = x[top : top + s, left : left + s]
+        mode = "bilinear"
+    elif mode == "pad":
+        dh, dw = size - h, size - w
+        if dh < 0 or dw < 0:
+            raise ValueError(
+                f"a {w}×{h} image is larger than the model's {size}×{size} and cannot be padded "
+                "(use resize 'bilinear', 'center-crop' or 'auto')"
+            )
+        pads = [(dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)] + [(0, 0)] * (x.ndim - 2)
+        x = np.pad(x, pads, mode="constant", constant_values=0)
+        mode = "auto"  # already size × size: no further resizing
+    return to_model_input(np.ascontiguousarray(x)[None], size, prep.channels, resize=mode)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# batches of files
+
+
+@dataclass
+class LoadedImages:
+    """Model inputs of the readable files, in input order.
+
+    Attributes:
+        x0: (N, C, size, size) float32 in [-1, 1] (a memory map when ``buffer`` was given).
+        paths: the N files that were read.
+        skipped: (file, reason) of each file that could not be read.
+    """
+
+    x0: np.ndarray
+    paths: list[Path]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike],
+    prep: Preprocessing,
+    *,
+    strict: bool = False,
+    buffer: str | os.PathLike | None = None,
+    progress: bool = False,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> LoadedImages:
+    """Read and preprocess files; a file that cannot be read is skipped, or fails under ``strict``.
+
+    Args:
+        paths: image files (see :func:`find_images`).
+        prep: the preprocessing recipe.
+        strict: raise :class:`ImageReadError` at the first unreadable file instead of skipping it.
+        buffer: write the model inputs to this ``.npy`` memory map instead of memory (large folders).
+        progress: show a tqdm progress bar.
+        on_skip: called with (file, reason) for each skipped file; default: an
+            :class:`ImageSkippedWarning`.
+
+    Raises:
+        NoImagesError: no file at all could be read.
+        ImageReadError: under ``strict``, the first unreadable file.
+    """
+    files = [Path(p) for p in paths]
+    if not files:
+        raise NoImagesError("no input images given")
+    shape = (len(files), prep.channels, prep.size, prep.size)
+    if buffer is not None:
+        Path(buffer).parent.mkdir(parents=True, exist_ok=True)
+        x0 = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=shape)
+    else:
+        x0 = np.empty(shape, np.float32)
+    kept: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(files), unit="img", desc="reading", leave=False)
+    try:
+        for f in files:
+            try:
+                pixels = read_image(f, alpha=prep.alpha)
+                try:
+                    x = preprocess(pixels, prep)
+                except ValueError as exc:
+                    raise ImageReadError(f, str(exc)) from exc
+            except ImageReadError as exc:
+                if strict:
+                    raise ImageReadError(f, exc.reason + "; --strict refuses unreadable files") from exc
+                skipped.append((f, exc.reason))
+                if on_skip is not None:
+                    on_skip(f, exc.reason)
+                else:
+                    warnings.warn(f"skipping {f}: {exc.reason}", ImageSkippedWarning, stacklevel=2)
+            else:
+                x0[len(kept)] = x
+                kept.append(f)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not kept:
+        raise NoImagesError(
+            f"none of the {len(files)} input file(s) could be read as an image "
+            f"(first: {skipped[0][0]}: {skipped[0][1]})"
+        )
+    return LoadedImages(x0=x0[: len(kept)], paths=kept, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# export of demo images
+
+
+def export_images(
+    dataset: str,
+    out: str | os.PathLike,
+    *,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    fmt: str = "png",
+) -> list[Path]:
+    """Write images of a registered data set (:func:`diffpath.data.load_split`) as files.
+
+    Files are named ``00000.png``, ``00001.png``, ... in the subset's order; each is written
+    atomically. Returns the files written.
+    """
+    from PIL import Image
+
+    from .data import load_split
+
+    fmt = fmt.lower().lstrip(".")
+    pil_format = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF",
+                  "tiff": "TIFF", "webp": "WEBP"}.get(fmt)
+    if pil_format is None:
+        raise ValueError(f"unsupported export format {fmt!r}; choose png, jpg, bmp, tiff or webp")
+    sp = load_split(dataset, split, n=n, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    width = max(5, len(str(max(len(sp) - 1, 0))))
+    written = []
+    for i, img in enumerate(sp.images):
+        target = out / f"{i:0{width}d}.{fmt}"
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out)
+        os.close(fd)
+        try:
+            Image.fromarray(np.ascontiguousarray(img)).save(tmp, format=pil_format)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written.append(target)
+    return written
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help="a registered data set (e.g. fashion_mnist, mnist, letters, noise)")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--n", type=int, default=None, help="how many images (default: the whole split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
+    p.add_argument("--format", default="png", help="png (default), jpg, bmp, tiff or webp")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    files = export_images(args.dataset, args.out, split=args.split, n=args.n, seed=args.seed,
+                          fmt=args.format)
+    print(f"wrote {len(files)} images of {args.dataset}/{args.split} to {args.out}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffpath.images export DATASET --split train --n 500 --out DIR``."""
+    parser = argparse.ArgumentParser(prog="python -m diffpath.images",
+                                     description="Image helpers of diffpath.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="write a data set's images as files (offline demo data)")
+    add_export_arguments(e)
+    args = parser.parse_args(argv)
+    try:
+        run_export(args)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"diffpath: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
