@@ -136,6 +136,11 @@ class GMMScorer(BaseEstimator):
         self.n_features_in_ = X.shape[1]
         return self
 
+    def summary(self) -> dict:
+        """What was chosen: the best grid point and its mean held-out log-likelihood."""
+        check_is_fitted(self, "pipeline_")
+        return {**self.best_params_, "cv_loglik": round(self.best_score_, 4)}
+
     def score_samples(self, X) -> np.ndarray:
         """Log-density of each row (N,), in the scaler's standardised space."""
         check_is_fitted(self, "pipeline_")
@@ -143,20 +148,33 @@ class GMMScorer(BaseEstimator):
 
 
 class KDEScorer(BaseEstimator):
-    """Gaussian kernel density on raw features (DiffPath's 1-D scorer, bandwidth 5)."""
+    """Gaussian kernel density (DiffPath's 1-D scorer: raw features, bandwidth 5).
 
-    def __init__(self, bandwidth: float = 5.0):
+    Args:
+        bandwidth: kernel width in feature units, or ``"scott"`` / ``"silverman"``.
+        standardize: standardise the features first (for features whose scale is unlike
+            DiffPath's curvature, where a fixed bandwidth of 5 would mean nothing).
+    """
+
+    def __init__(self, bandwidth: float | str = 5.0, standardize: bool = False):
         self.bandwidth = bandwidth
+        self.standardize = standardize
 
     def fit(self, X, y=None) -> KDEScorer:
         X = _check_X(X)
-        self.kde_ = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth).fit(X)
+        self.scaler_ = StandardScaler().fit(X) if self.standardize else None
+        Z = self.scaler_.transform(X) if self.scaler_ is not None else X
+        self.kde_ = KernelDensity(kernel="gaussian", bandwidth=self.bandwidth).fit(Z)
         self.n_features_in_ = X.shape[1]
         return self
 
+    def summary(self) -> dict:
+        return {"bandwidth": self.bandwidth, "standardize": self.standardize}
+
     def score_samples(self, X) -> np.ndarray:
         check_is_fitted(self, "kde_")
-        return self.kde_.score_samples(_check_X(X, self.n_features_in_))
+        X = _check_X(X, self.n_features_in_)
+        return self.kde_.score_samples(self.scaler_.transform(X) if self.scaler_ is not None else X)
 
 
 def make_scorer(kind: str, **params) -> BaseEstimator:

@@ -1,0 +1,111 @@
+"""Fit the density scorers on cached features and score every (in, out) pair.
+
+These are the steps between the error cache and the report: for each in-distribution set and
+method, fit the method's scorer on the *training* features of that set; then score the test
+features of every set and compute AUROC / FPR@95 / AUPR with in-distribution positive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .cache import load_cache
+from .methods import get_method
+from .metrics import detection_metrics
+from .scorers import make_scorer
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "errors_path",
+    "scorer_path",
+    "scores_path",
+    "fit_method_scorer",
+    "score_caches",
+    "evaluate_pairs",
+    "metrics_tree",
+]
+
+RESULT_COLUMNS = ["method", "in_dist", "ood", "auroc", "fpr95", "aupr"]
+
+
+def errors_path(root: str | Path, dataset: str, split: str) -> Path:
+    """Where the errors stage caches a (data set, split)."""
+    return Path(root) / "data" / "errors" / dataset / f"{split}.npz"
+
+
+def scorer_path(root: str | Path, in_dist: str, method: str) -> Path:
+    return Path(root) / "data" / "scorers" / in_dist / f"{method}.joblib"
+
+
+def scores_path(root: str | Path, in_dist: str) -> Path:
+    return Path(root) / "data" / "scores" / f"{in_dist}.npz"
+
+
+def fit_method_scorer(
+    method: str,
+    train_cache: Mapping[str, np.ndarray],
+    gmm: Mapping[str, Any] | None = None,
+    kde: Mapping[str, Any] | None = None,
+    kde_standardize: Iterable[str] = (),
+):
+    """Fit ``method``'s scorer on its features of ``train_cache``.
+
+    Args:
+        gmm: keyword arguments of :class:`diffpath.scorers.GMMScorer` for multi-D methods.
+        kde: keyword arguments of :class:`diffpath.scorers.KDEScorer` for 1-D methods.
+        kde_standardize: 1-D methods whose feature is standardised before the KDE.
+    """
+    m = get_method(method)
+    X = m.features(train_cache)
+    if m.scorer == "gmm":
+        est = make_scorer("gmm", **dict(gmm or {}))
+    else:
+        est = make_scorer("kde", **dict(kde or {}), standardize=method in set(kde_standardize))
+    return est.fit(X)
+
+
+def score_caches(scorer, method: str, caches: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Log-density scores of every image in each cache: ``{name: (N,)}``."""
+    m = get_method(method)
+    return {name: scorer.score_samples(m.features(c)) for name, c in caches.items()}
+
+
+def evaluate_pairs(scores: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+                   in_dist: Sequence[str], datasets: Sequence[str], methods: Sequence[str]) -> pd.DataFrame:
+    """One row per (method, in_dist, ood) with ``ood`` every other data set.
+
+    Args:
+        scores: ``scores[in_dist][method][dataset]`` → test scores (N,).
+    """
+    rows = []
+    for ind in in_dist:
+        for method in methods:
+            s = scores[ind][method]
+            for ood in datasets:
+                if ood == ind:
+                    continue
+                rows.append({"method": method, "in_dist": ind, "ood": ood,
+                             **detection_metrics(s[ind], s[ood])})
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def metrics_tree(results: pd.DataFrame) -> dict[str, Any]:
+    """Nested ``{method: {in_dist: {ood: {auroc, fpr95, aupr}, "mean": {...}}}}`` for DVC metrics."""
+    tree: dict[str, Any] = {}
+    for (method, ind), g in results.groupby(["method", "in_dist"], sort=False):
+        node = tree.setdefault(method, {}).setdefault(ind, {})
+        for _, r in g.iterrows():
+            node[r["ood"]] = {k: round(float(r[k]), 6) for k in ("auroc", "fpr95", "aupr")}
+        node["mean"] = {k: round(float(g[k].mean()), 6) for k in ("auroc", "fpr95", "aupr")}
+    for method, g in results.groupby("method", sort=False):
+        tree[method]["mean_auroc"] = round(float(g["auroc"].mean()), 6)
+    return tree
+
+
+def load_test_caches(root: str | Path, datasets: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    return {d: load_cache(errors_path(root, d, "test")) for d in datasets}

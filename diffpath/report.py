@@ -1,0 +1,149 @@
+"""Paper-style tables (Markdown, LaTeX) and figures (seaborn).
+
+Tables follow the papers' layout: one table per method, rows = in-distribution sets, columns = OOD
+sets plus their average; and an ablation table (rows = methods, columns = in-distribution sets'
+average AUROC plus the overall average). Numbers are AUROC × 100 with one decimal, as in the papers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "method_table",
+    "ablation_table",
+    "to_markdown",
+    "to_latex",
+    "plot_histograms",
+    "plot_roc",
+    "save_figure",
+]
+
+
+def method_table(results: pd.DataFrame, method: str, metric: str = "auroc",
+                 in_dist: Sequence[str] | None = None, ood: Sequence[str] | None = None) -> pd.DataFrame:
+    """Rows: in-distribution sets; columns: OOD sets and ``Average``; values: ``metric`` × 100."""
+    r = results[results["method"] == method]
+    if r.empty:
+        raise ValueError(f"no results for method {method!r}")
+    t = r.pivot(index="in_dist", columns="ood", values=metric) * 100.0
+    rows = [d for d in (in_dist or t.index) if d in t.index]
+    cols = [d for d in (ood or t.columns) if d in t.columns]
+    t = t.loc[rows, cols]
+    t["Average"] = t.mean(axis=1, skipna=True)
+    t.index.name, t.columns.name = "in-distribution", None
+    return t
+
+
+def ablation_table(results: pd.DataFrame, methods: Sequence[str], metric: str = "auroc",
+                   labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Rows: methods; columns: each in-distribution set's mean ``metric`` over its OOD sets, and
+    the overall ``Average`` (× 100)."""
+    r = results[results["method"].isin(methods)]
+    t = r.groupby(["method", "in_dist"])[metric].mean().unstack("in_dist") * 100.0
+    t = t.loc[[m for m in methods if m in t.index]]
+    t["Average"] = r.groupby("method")[metric].mean().loc[t.index] * 100.0
+    if labels:
+        t.index = [labels.get(m, m) for m in t.index]
+    t.index.name, t.columns.name = "method", None
+    return t
+
+
+def _fmt(v: float) -> str:
+    return "–" if not np.isfinite(v) else f"{v:.1f}"
+
+
+def to_markdown(table: pd.DataFrame, bold_max: bool = False) -> str:
+    """A GitHub Markdown table (no extra dependency); with ``bold_max`` the best of each column
+    is bold."""
+    cols = list(table.columns)
+    best = {c: np.nanmax(table[c].to_numpy(dtype=float)) for c in cols} if bold_max else {}
+    head = [str(table.index.name or "")] + [str(c) for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * len(cols)) + " |"]
+    for idx, row in table.iterrows():
+        cells = []
+        for c in cols:
+            s = _fmt(float(row[c]))
+            if bold_max and np.isfinite(row[c]) and row[c] == best[c]:
+                s = f"**{s}**"
+            cells.append(s)
+        lines.append("| " + " | ".join([str(idx)] + cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex(s: str) -> str:
+    return str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+def to_latex(table: pd.DataFrame, caption: str = "", label: str = "", bold_max: bool = False) -> str:
+    """A booktabs LaTeX table."""
+    cols = list(table.columns)
+    best = {c: np.nanmax(table[c].to_numpy(dtype=float)) for c in cols} if bold_max else {}
+    out = [r"\begin{table}[t]", r"\centering"]
+    if caption:
+        out.append(rf"\caption{{{_tex(caption)}}}")
+    if label:
+        out.append(rf"\label{{{label}}}")
+    out += [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
+            " & ".join([_tex(table.index.name or "")] + [_tex(c) for c in cols]) + r" \\", r"\midrule"]
+    for idx, row in table.iterrows():
+        cells = []
+        for c in cols:
+            s = _fmt(float(row[c]))
+            if bold_max and np.isfinite(row[c]) and row[c] == best[c]:
+                s = rf"\textbf{{{s}}}"
+            cells.append(s)
+        out.append(" & ".join([_tex(idx)] + cells) + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(out) + "\n"
+
+
+def plot_histograms(scores: Mapping[str, np.ndarray], in_dist: str, ood: str, ax=None,
+                    title: str | None = None, bins: int = 40):
+    """The papers' score histogram: in-distribution (blue) vs OOD (orange) log-densities."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 3))
+    s_in, s_out = np.asarray(scores[in_dist]), np.asarray(scores[ood])
+    both = np.concatenate([s_in, s_out])
+    lo, hi = np.percentile(both, [0.5, 99.5])  # keep a few extreme OOD scores from hiding the rest
+    edges = np.linspace(lo, hi, bins + 1)
+    df = pd.DataFrame({"score": np.clip(both, lo, hi),
+                       "set": [f"{in_dist} (in)"] * len(s_in) + [f"{ood} (out)"] * len(s_out)})
+    sns.histplot(df, x="score", hue="set", bins=edges, stat="density", common_norm=False,
+                 element="step", alpha=0.35, ax=ax, palette=["tab:blue", "tab:orange"])
+    ax.set_xlabel("log-density")
+    ax.set_title(title or f"{in_dist} vs {ood}", fontsize=9)
+    return ax
+
+
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], ax=None, title: str = ""):
+    """ROC curves: ``{label: (fpr, tpr, auroc)}``."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{label} ({100 * auc:.1f})", lw=1.5)
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    ax.set_xlabel("FPR (OOD accepted)")
+    ax.set_ylabel("TPR (in-distribution accepted)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_aspect("equal")
+    return ax
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """Save a figure atomically."""
+    from .io import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip("."))

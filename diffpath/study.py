@@ -1,0 +1,209 @@
+"""Run a stage of the study: a parameterised notebook executed by papermill.
+
+Each DVC stage's command is ``python -m diffpath.study STAGE [ITEM]``. This module knows, for
+every stage, which notebook it runs and which keys of ``params.yaml`` it reads; it passes exactly
+those keys to the notebook through papermill's Python API, so booleans, lists and nested mappings
+reach the notebook intact (``dvc.yaml`` declares the same keys, and a test checks that the two
+agree). The executed notebook is written to ``reports/notebooks/``.
+
+Examples::
+
+    python -m diffpath.study errors fashion_mnist        # one foreach item of the errors stage
+    python -m diffpath.study scorers -p scorers.kde.bandwidth=2.0
+    python -m diffpath.study --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Stage", "STAGES", "stage_parameters", "run_stage", "render_html", "load_params", "main"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage: its notebook, the params it reads, and its foreach parameter.
+
+    ``params`` entries are dotted keys of ``params.yaml``, mapped to notebook parameters:
+
+    * ``"section.*"``: every key of ``section`` becomes a notebook parameter of the same name;
+    * ``"a.b as name"``: the value of ``a.b`` becomes the parameter ``name``;
+    * ``"a.b"``: the value becomes the parameter ``b``.
+    """
+
+    notebook: str
+    params: tuple[str, ...]
+    item: str | None = None  # the name of the foreach parameter, if any
+
+    def dvc_params(self) -> list[str]:
+        """The keys ``dvc.yaml`` declares for this stage."""
+        return [p.split(" as ")[0].removesuffix(".*") for p in self.params]
+
+    def executed_path(self, item: str | None = None) -> str:
+        stem = Path(self.notebook).stem
+        return f"reports/notebooks/{stem}{'_' + item if item else ''}.ipynb"
+
+
+_MODEL = ("model.spec as model_dir", "model.device as device")
+_RUN = ("model.precision", "model.channels_last", "model.compile", "model.cuda_graphs")
+
+STAGES: dict[str, Stage] = {
+    "base_model": Stage("notebooks/00_base_model.ipynb", ("base_model.*",)),
+    "base_model_eval": Stage("notebooks/01_base_model_eval.ipynb", (*_MODEL, "base_model_eval.*")),
+    "data": Stage("notebooks/10_data.ipynb", ("data.*",), item="dataset"),
+    "errors": Stage(
+        "notebooks/20_errors.ipynb",
+        (*_MODEL, *_RUN, "data.in_dist", "errors.*"),
+        item="dataset",
+    ),
+    "localization": Stage("notebooks/30_localization.ipynb", (*_MODEL, "localization.*")),
+    "scorers": Stage("notebooks/40_scorers.ipynb", ("data.in_dist", "methods", "scorers.*")),
+    "evaluate": Stage("notebooks/50_evaluate.ipynb", ("data.in_dist", "data.datasets", "methods")),
+    "report": Stage("notebooks/60_report.ipynb", ("data.in_dist", "data.datasets", "methods", "report.*")),
+    "walkthrough": Stage(
+        "notebooks/70_walkthrough.ipynb", (*_MODEL, "errors.steps", "errors.seed", "walkthrough.*")
+    ),
+}
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    with open(path) as fh:
+        params = yaml.safe_load(fh) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return params
+
+
+def _get(params: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise KeyError(f"params.yaml has no key {dotted!r}")
+        node = node[part]
+    return node
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def stage_parameters(stage: str, params: Mapping[str, Any], item: str | None = None) -> dict[str, Any]:
+    """The notebook parameters of ``stage`` (see :class:`Stage`), plus the foreach item."""
+    st = STAGES[stage]
+    out: dict[str, Any] = {}
+    for entry in st.params:
+        key, _, name = entry.partition(" as ")
+        if key.endswith(".*"):
+            section = _get(params, key[:-2])
+            if not isinstance(section, Mapping):
+                raise ValueError(f"params.yaml: {key[:-2]!r} must be a mapping")
+            for k, v in section.items():
+                out[k] = copy.deepcopy(v)
+        else:
+            out[name or key.split(".")[-1]] = copy.deepcopy(_get(params, key))
+    if st.item is not None:
+        if item is None:
+            raise ValueError(f"stage {stage!r} needs an item ({st.item})")
+        out[st.item] = item
+    elif item is not None:
+        raise ValueError(f"stage {stage!r} takes no item")
+    return out
+
+
+def _override(params: dict[str, Any], assignments: Sequence[str]) -> None:
+    for a in assignments:
+        if "=" not in a:
+            raise ValueError(f"-p expects key=value, got {a!r}")
+        key, raw = a.split("=", 1)
+        _set(params, key, yaml.safe_load(raw))
+
+
+def run_stage(
+    stage: str,
+    item: str | None = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    params_file: str | os.PathLike = "params.yaml",
+    output: str | os.PathLike | None = None,
+    cwd: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
+    """Execute the stage's notebook with its parameters; returns the executed notebook's path."""
+    import papermill as pm
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    cwd = Path(cwd) if cwd is not None else Path.cwd()
+    p = dict(params) if params is not None else load_params(cwd / params_file)
+    nb_params = stage_parameters(stage, p, item)
+    st = STAGES[stage]
+    out = Path(output) if output is not None else cwd / st.executed_path(item)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    notebook = cwd / st.notebook if (cwd / st.notebook).is_file() else ROOT / st.notebook
+    pm.execute_notebook(
+        str(notebook),
+        str(out),
+        parameters=nb_params,
+        cwd=str(cwd),
+        progress_bar=progress,
+        kernel_name="python3",
+    )
+    return out
+
+
+def render_html(notebook: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Render an executed notebook to a standalone HTML page (atomically)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    from .io import write_text_atomic
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    write_text_atomic(target, body)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m diffpath.study", description=__doc__.split("\n")[0])
+    ap.add_argument("stage", nargs="?", help=f"one of: {', '.join(STAGES)}")
+    ap.add_argument("item", nargs="?", help="the foreach item (data set) of data/errors")
+    ap.add_argument("--params", default="params.yaml", help="parameters file (default params.yaml)")
+    ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a parameter for this run only (YAML value)")
+    ap.add_argument("--html", metavar="FILE", help="also render the executed notebook to HTML")
+    ap.add_argument("--list", action="store_true", help="list the stages and their parameters")
+    args = ap.parse_args(argv)
+    if args.list or not args.stage:
+        for name, st in STAGES.items():
+            print(f"{name:16s} {st.notebook:36s} params: {', '.join(st.params)}"
+                  + (f"  foreach: {st.item}" if st.item else ""))
+        return 0
+    try:
+        params = load_params(args.params)
+        _override(params, args.overrides)
+        out = run_stage(args.stage, args.item, params=params, progress=sys.stderr.isatty())
+        if args.html:
+            render_html(out, args.html)
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"diffpath.study: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"executed {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
