@@ -30,10 +30,10 @@ repro: setup
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 -p no:cacheprovider
 
-## the paper profile (needs the internet, a GPU, and the data sets/weights; see README)
+## the paper profile (needs the internet, a GPU, and the weights; see README): checks, then repro
 paper: setup
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro -P params-paper.yaml 2>/dev/null || \
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m diffpath.study paper
+	$(PY) -m diffpath.profiles paper
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 clean-venv:
 	rm -rf $(VENV)
