@@ -264,12 +264,6 @@ class ScoreErrorResult:
     maps: dict[str, torch.Tensor] | None = None
 
 
-def _coef(v: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    # coefficients live in float64 and are rounded once to the working precision before they
-    # meet the images, as in diffpath.trajectory
-    return torch.tensor(float(v), dtype=torch.float64).to(device, dtype)
-
-
 @torch.no_grad()
 def score_error_path(
     model: EpsFn,
@@ -330,9 +324,12 @@ def score_error_path(
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in MAP_NAMES}
     prev_err: torch.Tensor | None = None
     prev_werr: torch.Tensor | None = None
+    # coefficients live in float64 and are rounded once to the working precision before they
+    # meet the images (as in diffpath.trajectory), all steps in one host→device copy
+    a = abar[list(ts)]
+    table = torch.from_numpy(np.stack([np.sqrt(a), np.sqrt(1.0 - a)], 1)).to(dev, dtype)
     for i, t in enumerate(ts):
-        sa = _coef(math.sqrt(abar[t]), dev, dtype)
-        sn = _coef(math.sqrt(1.0 - abar[t]), dev, dtype)
+        sa, sn = table[i].unbind()
         eps = gaussian_noise(keys, t, (C, H, W), config.seed).to(dtype)
         xt = sa * x0 + sn * eps
         eps_hat = model(xt, torch.full((B,), t, dtype=torch.long, device=dev)).to(dtype)

@@ -40,6 +40,8 @@ typical images (see ``tests/test_ssim.py``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -65,6 +67,17 @@ def gaussian_window(
     k = torch.arange(-r, r + 1, dtype=torch.float64)
     g = torch.exp(-0.5 * (k / float(sigma)) ** 2)
     return (g / g.sum()).to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _filter_setup(window_size: int, sigma: float, dtype: torch.dtype, device: torch.device, H: int, W: int):
+    # built once per (window, dtype, device, image size): no host→device copy inside the loops
+    r = window_size // 2
+    return (
+        gaussian_window(window_size, sigma, dtype=dtype, device=device),
+        symmetric_pad_index(H, r, device),
+        symmetric_pad_index(W, r, device),
+    )
 
 
 def symmetric_pad_index(n: int, pad: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -120,12 +133,12 @@ def ssim_map(
     y = y.to(device=dev, dtype=dtype)
     B, C, H, W = x.shape
     r = window_size // 2
-    g = gaussian_window(window_size, sigma, dtype=dtype, device=dev)
+    g, idx_h, idx_w = _filter_setup(window_size, float(sigma), dtype, dev, H, W)
 
     # the five local statistics are filtered in one depthwise pass: (B, 5C, H, W)
     stats = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    stats = stats.index_select(2, symmetric_pad_index(H, r, dev))
-    stats = stats.index_select(3, symmetric_pad_index(W, r, dev))
+    stats = stats.index_select(2, idx_h)
+    stats = stats.index_select(3, idx_w)
     groups = 5 * C
     stats = F.conv2d(stats, g.view(1, 1, -1, 1).expand(groups, 1, -1, 1), groups=groups)
     stats = F.conv2d(stats, g.view(1, 1, 1, -1).expand(groups, 1, 1, -1), groups=groups)

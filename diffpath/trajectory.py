@@ -38,6 +38,7 @@ __all__ = [
     "moments",
     "DDIMCoefficients",
     "ddim_coefficients",
+    "coefficient_table",
     "ddim_invert",
     "ddim_denoise",
     "DiffPathResult",
@@ -93,10 +94,17 @@ def ddim_coefficients(alphas_cumprod: np.ndarray, timesteps: Sequence[int]) -> D
     )
 
 
-def _f32(v: float, like: torch.Tensor) -> torch.Tensor:
-    # improved-diffusion keeps coefficients in float64 numpy and casts the looked-up value to
-    # float32 before it meets the images; doing the same keeps results bit-comparable.
-    return torch.tensor(float(v), dtype=torch.float64).to(like.device, torch.float32)
+def coefficient_table(columns: Sequence[np.ndarray], like: torch.Tensor) -> torch.Tensor:
+    """Per-step coefficients, computed in float64 and rounded once to float32, as one (T, K)
+    tensor on ``like``'s device.
+
+    improved-diffusion keeps its coefficients in float64 numpy and casts each looked-up value to
+    float32 before it meets the images; doing the same keeps results bit-comparable. Building the
+    whole table with one host→device copy (rather than one per step and coefficient) keeps the
+    loops free of synchronising transfers.
+    """
+    table = np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
+    return torch.from_numpy(table).to(like.device, torch.float32)
 
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -132,17 +140,19 @@ def ddim_invert(
     """
     x = x0.float()
     B = x.shape[0]
+    ab, ab_next = coeffs.alpha_bar, coeffs.alpha_bar_next
+    table = coefficient_table(
+        [np.sqrt(1.0 / ab), np.sqrt(1.0 / ab - 1.0), np.sqrt(ab_next), np.sqrt(1.0 - ab_next)], x
+    )
     for i, t in enumerate(coeffs.timesteps):
-        ab, ab_next = coeffs.alpha_bar[i], coeffs.alpha_bar_next[i]
+        c1, c2, c_next, s_next = table[i].unbind()
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         eps_model = model(x, tt)
-        c1 = _f32(np.sqrt(1.0 / ab), x)
-        c2 = _f32(np.sqrt(1.0 / ab - 1.0), x)
         x0_hat = c1 * x - c2 * eps_model
         if clip_denoised:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
         eps = (c1 * x - x0_hat) / c2
-        x_next = x0_hat * _f32(np.sqrt(ab_next), x) + _f32(np.sqrt(1.0 - ab_next), x) * eps
+        x_next = x0_hat * c_next + s_next * eps
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "eps": eps, "x0_hat": x0_hat, "x_next": x_next})
         x = x_next
@@ -174,18 +184,20 @@ def ddim_denoise(
     x = x_start.float()
     B = x.shape[0]
     n = len(coeffs.timesteps)
+    ab, ab_prev = coeffs.alpha_bar, coeffs.alpha_bar_prev
+    table = coefficient_table(
+        [np.sqrt(1.0 / ab), np.sqrt(1.0 / ab - 1.0), np.sqrt(ab_prev), np.sqrt(1.0 - ab_prev)], x
+    )
     for j, i in enumerate(reversed(range(n))):
         t = coeffs.timesteps[i]
-        ab, ab_prev = coeffs.alpha_bar[i], coeffs.alpha_bar_prev[i]
+        c1, c2, c_prev, s_prev = table[i].unbind()
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         eps_model = model(x, tt)
-        c1 = _f32(np.sqrt(1.0 / ab), x)
-        c2 = _f32(np.sqrt(1.0 / ab - 1.0), x)
         x0_hat = c1 * x - c2 * eps_model
         if clip_denoised:
             x0_hat = x0_hat.clamp(-1.0, 1.0)
         eps = (c1 * x - x0_hat) / c2
-        x_prev = x0_hat * _f32(np.sqrt(ab_prev), x) + _f32(np.sqrt(1.0 - ab_prev), x) * eps
+        x_prev = x0_hat * c_prev + s_prev * eps
         if callback is not None:
             callback({"i": j, "t": t, "x": x, "eps": eps, "x0_hat": x0_hat, "x_next": x_prev})
         x = x_prev

@@ -119,6 +119,7 @@ class EpsModel:
     settings: dict[str, Any] = field(default_factory=dict)
     options: RunOptions = field(default_factory=RunOptions)
     _runner: nn.Module | None = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +130,9 @@ class EpsModel:
 
     def fingerprint(self) -> str:
         """A short hash of the network's weights and the schedule (identifies the model itself,
-        not where it was loaded from)."""
+        not where it was loaded from). Computed once per model object."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         import hashlib
 
         h = hashlib.sha256()
@@ -138,7 +141,8 @@ class EpsModel:
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         h.update(self.schedule.betas.tobytes())
         h.update(repr((self.timestep_scale, self.channels, self.image_size)).encode())
-        return h.hexdigest()[:16]
+        self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def num_timesteps(self) -> int:

@@ -1,0 +1,108 @@
+"""The sharded errors stage: two gloo processes under torchrun give the single-process cache."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffpath.cache import CacheConfig, compute_cache
+from diffpath.distributed import run_options_from_params, run_sharded
+from diffpath.models import RunOptions, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, BATCH, CHUNK, N = 3, 2, 2, 8  # 4 chunks: ranks 0 and 1 get two each
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _images(n: int) -> np.ndarray:
+    g = np.random.default_rng(0)
+    return np.tanh(g.normal(size=(n, 3, 32, 32))).astype(np.float32)
+
+
+def _single_process_cache(model_pt: Path, x0: np.ndarray) -> dict[str, np.ndarray]:
+    model = load_model(model_pt, device="cpu")
+    cfg = CacheConfig(steps=STEPS, batch_size=BATCH, chunk_size=CHUNK)
+    cache = compute_cache(model, x0, cfg, out=None, progress=False)
+    assert cache is not None
+    return cache
+
+
+def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, fixture_dir):
+    model_pt = fixture_dir / "diffpath_tiny.pt"
+    x0 = _images(N)
+    x0_file = tmp_path / "x0.npy"
+    np.save(x0_file, x0)
+    out = tmp_path / "cache.npz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "-m", "diffpath.distributed", "--model", str(model_pt), "--x0", str(x0_file),
+        "--out", str(out), "--steps", str(STEPS), "--batch-size", str(BATCH),
+        "--chunk-size", str(CHUNK), "--backend", "gloo", "--device", "cpu", "--no-progress",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.is_file()
+    assert not (tmp_path / "cache.npz.parts").exists(), "the parts directory must be removed"
+    assert not list(tmp_path.rglob("chunk_*.npz")), "no chunk part may be left behind"
+
+    with np.load(out) as z:
+        merged = {k: z[k] for k in z.files}
+    single = _single_process_cache(model_pt, x0)
+    assert set(merged) == set(single)
+    for key in single:
+        if key == "meta":
+            assert str(merged[key]) == str(single[key])
+            continue
+        # the same ops on the same CPU, one thread, the same batches: bit-identical
+        np.testing.assert_array_equal(merged[key], single[key], err_msg=key)
+    np.testing.assert_array_equal(merged["index"], np.arange(N))
+    assert merged["dp_eps"].shape == (N, STEPS, 5) and merged["v2_werr"].shape == (N, STEPS, 5)
+
+
+def test_run_sharded_without_torchrun_is_one_process(tmp_path, fixture_dir, monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    x0 = _images(4)
+    out = tmp_path / "c.npz"
+    cache = run_sharded(fixture_dir / "diffpath_tiny.pt", x0, out, families=["diffpath"], steps=2,
+                        batch_size=2, chunk_size=2, device="cpu", progress=False)
+    assert cache is not None and out.is_file()
+    assert cache["dp_eps"].shape == (4, 2, 5)
+    assert not (tmp_path / "c.npz.parts").exists()
+    assert not torch.distributed.is_initialized()
+
+
+def test_run_options_from_params():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert run_options_from_params(None, cpu) == RunOptions()
+    assert run_options_from_params({}, cuda) == RunOptions()
+    auto = {k: "auto" for k in ("precision", "channels_last", "compile", "cuda_graphs")}
+    fast_gpu = run_options_from_params(auto, cuda)
+    assert fast_gpu.precision == "bf16" and fast_gpu.channels_last
+    fast_cpu = run_options_from_params(auto, cpu)
+    assert fast_cpu.precision == "fp32" and not fast_cpu.cuda_graphs
+    g = run_options_from_params({"precision": "bf16", "cuda_graphs": "true"}, cuda)
+    assert g.cuda_graphs and g.compile and g.precision == "bf16"
+    with pytest.warns(UserWarning, match="cuda_graphs"):
+        assert not run_options_from_params({"cuda_graphs": True}, cpu).cuda_graphs
+    with pytest.raises(ValueError, match="unknown run option"):
+        run_options_from_params({"precison": "bf16"}, cpu)
+    with pytest.raises(ValueError):
+        run_options_from_params({"precision": "fp8"}, cpu)
+    with pytest.raises(ValueError, match="boolean"):
+        run_options_from_params({"compile": "maybe"}, cpu)
