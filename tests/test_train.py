@@ -1,0 +1,192 @@
+"""Fast tests of diffpath.train on a tiny seeded UNet (16×16, two levels): a few seconds on 2 cores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffpath.train import (
+    TrainConfig,
+    UNetConfig,
+    build_unet,
+    ddim_sample,
+    denoising_loss_per_timestep,
+    ema_decay_at,
+    image_grid,
+    lr_at,
+    save_pipeline,
+    train,
+    train_schedule,
+    untrained_like,
+)
+
+TINY = UNetConfig(
+    sample_size=16,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=4,
+    add_attention=False,
+)
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(
+        unet=TINY,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=2,
+        steps=20,
+        ema_decay=0.99,
+        seed=0,
+        log_every=5,
+        checkpoint_every=5,
+        num_threads=None,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    """64 smooth 16×16 blobs in [-1, 1] (background −1), shape (64, 1, 16, 16)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:16, 0:16].astype(np.float32)
+    out = np.empty((64, 1, 16, 16), np.float32)
+    for i in range(64):
+        cy, cx = rng.uniform(4, 12, size=2)
+        r = rng.uniform(2.0, 5.0)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        out[i, 0] = 2.0 * blob - 1.0
+    return out
+
+
+def _eps_fn(unet):
+    unet = unet.eval()
+
+    def f(x, t):
+        return unet(x, t).sample
+
+    return f
+
+
+def test_tiny_training_reduces_heldfixed_loss(images, tmp_path):
+    cfg = tiny_cfg()
+    ab = train_schedule(cfg).alphas_cumprod
+    ts = [50, 200, 400, 600]
+    with torch.no_grad():
+        before = denoising_loss_per_timestep(_eps_fn(build_unet(cfg)), images[:32], ts, 7, alphas_cumprod=ab)
+    res = train(cfg, images, tmp_path / "run", resume=False, progress=False)
+    with torch.no_grad():
+        after = denoising_loss_per_timestep(_eps_fn(res.model), images[:32], ts, 7, alphas_cumprod=ab)
+    assert res.step == 20
+    assert len(res.history) == 4 and res.history[-1]["step"] == 20
+    assert after.mean() < 0.8 * before.mean(), (before, after)
+    assert (tmp_path / "run" / "train_log.csv").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint.pt").is_file()
+
+
+def test_resume_reproduces_uninterrupted_run(images, tmp_path):
+    cfg = tiny_cfg(steps=10, checkpoint_every=3)
+    full = train(cfg, images, tmp_path / "full", resume=False, progress=False)
+    part = train(cfg, images, tmp_path / "part", resume=False, progress=False, stop_at=4)
+    assert part.step == 4
+    rest = train(cfg, images, tmp_path / "part", resume=True, progress=False)
+    assert rest.step == 10
+    for a, b in ((full.model, rest.model), (full.ema_model, rest.ema_model)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    # a wall-clock budget stops at the first checkpoint after it, and resuming finishes the run
+    cut = train(cfg, images, tmp_path / "cut", resume=False, progress=False, max_seconds=0.0)
+    assert cut.step == 3
+    # a constant-lr run cut by the budget is continued (or extended) whatever `steps` says
+    const = tiny_cfg(steps=10, checkpoint_every=3, lr_schedule="constant")
+    ref = train(tiny_cfg(steps=6, checkpoint_every=3, lr_schedule="constant"), images,
+                tmp_path / "ref", resume=False, progress=False)
+    train(const, images, tmp_path / "const", resume=False, progress=False, stop_at=6)
+    same = train(tiny_cfg(steps=6, checkpoint_every=3, lr_schedule="constant"), images,
+                 tmp_path / "const", progress=False)
+    assert same.step == 6
+    for k, v in ref.ema_model.state_dict().items():
+        assert torch.equal(v, same.ema_model.state_dict()[k]), k
+    with pytest.raises(ValueError, match="beyond steps"):
+        train(tiny_cfg(steps=5, checkpoint_every=3, lr_schedule="constant"), images,
+              tmp_path / "const", progress=False)
+    # a different config must not silently resume that checkpoint
+    with pytest.raises(ValueError, match="different TrainConfig"):
+        train(tiny_cfg(steps=10, checkpoint_every=3, lr=1e-4), images, tmp_path / "part", progress=False)
+
+
+def test_save_pipeline_loads_as_eps_model(tmp_path):
+    from diffpath.models import load_model
+
+    unet = build_unet(TINY, seed=1)
+    folder = save_pipeline(unet, tmp_path / "pipe")
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (folder / "scheduler" / "scheduler_config.json").is_file()
+    assert (folder / "model_index.json").is_file()
+    model = load_model(folder)
+    assert model.kind == "diffusers" and model.channels == 1 and model.image_size == 16
+    assert model.num_timesteps == 1000
+    np.testing.assert_allclose(
+        model.schedule.betas, np.linspace(1e-4, 0.02, 1000), rtol=0, atol=1e-12
+    )
+    x = torch.randn(3, 1, 16, 16)
+    t = torch.tensor([0, 500, 999])
+    eps = model(x, t)
+    assert eps.shape == (3, 1, 16, 16) and eps.dtype == torch.float32
+    with torch.no_grad():
+        ref = unet.eval()(x, t).sample
+    torch.testing.assert_close(eps, ref)
+    # saving again over an existing folder replaces it cleanly
+    save_pipeline(build_unet(TINY, seed=2), folder)
+    assert not any(p.name.startswith((".saving", ".old_")) for p in folder.iterdir())
+
+    fresh = untrained_like(model, seed=0)
+    assert fresh.schedule is model.schedule and fresh.image_size == 16
+    assert fresh(x, t).shape == eps.shape and not torch.allclose(fresh(x, t), eps)
+
+    samples = ddim_sample(model, 5, steps=4, seed=0)
+    assert samples.shape == (5, 1, 16, 16)
+    assert float(samples.abs().max()) <= 1.0
+    torch.testing.assert_close(samples, ddim_sample(model, 5, steps=4, seed=0, batch_size=2))
+    grid = image_grid(samples, nrow=3)
+    assert grid.shape == (2 * 17 + 1, 3 * 17 + 1) and 0.0 <= grid.min() and grid.max() <= 1.0
+
+
+def test_denoising_loss_of_zero_model_is_one():
+    # ε̂ ≡ 0 gives mean ε² over n = N·C·H·W pixels per timestep: mean 1, sd √(2/n) (Var ε² = 2).
+    x0 = torch.rand(64, 1, 16, 16) * 2 - 1
+    n = x0.numel()
+    tol = 5.0 * math.sqrt(2.0 / n)  # 5 sd ≈ 0.055
+
+    def zero(x, t):
+        return torch.zeros_like(x)
+
+    ab = train_schedule(tiny_cfg()).alphas_cumprod
+    ts = [0, 10, 100, 500, 999]
+    loss = denoising_loss_per_timestep(zero, x0, ts, seed=3, alphas_cumprod=ab, batch_size=24)
+    assert loss.shape == (5,) and loss.dtype == np.float64
+    assert np.all(np.abs(loss - 1.0) < tol), (loss, tol)
+    # the same seed gives the same noise, whatever the images or batch size
+    again = denoising_loss_per_timestep(zero, -x0, ts, seed=3, alphas_cumprod=ab, batch_size=64)
+    np.testing.assert_allclose(loss, again, rtol=1e-12)
+
+
+def test_schedules():
+    cfg = tiny_cfg(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 100) == pytest.approx(0.1)
+    assert lr_at(TrainConfig(**{**cfg.to_dict(), "lr_schedule": "constant"}), 80) == 1.0
+    assert ema_decay_at(cfg, 0) == pytest.approx(0.1)
+    assert ema_decay_at(cfg, 10_000) == cfg.ema_decay
