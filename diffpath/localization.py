@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import EpsFn
+from .schedule import alphas_cumprod_of
 from .trajectory import DDIMCoefficients, StepCallback, ddim_denoise, ddim_invert
 
 __all__ = [
@@ -183,15 +184,6 @@ class CountingModel:
         return getattr(self.model, name)
 
 
-def _alphas_cumprod(model: Any, alphas_cumprod: np.ndarray | None) -> np.ndarray:
-    if alphas_cumprod is not None:
-        return np.asarray(alphas_cumprod, dtype=np.float64)
-    sched = getattr(model, "schedule", None)
-    if sched is None:
-        raise ValueError("pass alphas_cumprod for a model without a .schedule")
-    return sched.alphas_cumprod
-
-
 @dataclass
 class Reconstruction:
     """What :func:`reconstruct` gives.
@@ -240,7 +232,7 @@ def reconstruct(
     Returns:
         :class:`Reconstruction`.
     """
-    ac = _alphas_cumprod(model, alphas_cumprod)
+    ac = alphas_cumprod_of(model, alphas_cumprod)
     inv, den = partial_ddim_coefficients(ac, t0, steps)
     if denoise_t0 is not None and int(denoise_t0) != int(t0):
         den = partial_ddim_coefficients(ac, int(denoise_t0), steps)[1]

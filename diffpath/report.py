@@ -57,20 +57,27 @@ def _fmt(v: float) -> str:
     return "–" if not np.isfinite(v) else f"{v:.1f}"
 
 
-def to_markdown(table: pd.DataFrame, bold_max: bool = False) -> str:
-    """A GitHub Markdown table (no extra dependency); with ``bold_max`` the best of each column
-    is bold."""
+def _rows(table: pd.DataFrame, bold_max: bool, bold):
+    """(index, formatted cells) per row; with ``bold_max`` each column's best is ``bold(s)``."""
     cols = list(table.columns)
     best = {c: np.nanmax(table[c].to_numpy(dtype=float)) for c in cols} if bold_max else {}
-    head = [str(table.index.name or "")] + [str(c) for c in cols]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * len(cols)) + " |"]
     for idx, row in table.iterrows():
         cells = []
         for c in cols:
             s = _fmt(float(row[c]))
             if bold_max and np.isfinite(row[c]) and row[c] == best[c]:
-                s = f"**{s}**"
+                s = bold(s)
             cells.append(s)
+        yield idx, cells
+
+
+def to_markdown(table: pd.DataFrame, bold_max: bool = False) -> str:
+    """A GitHub Markdown table (no extra dependency); with ``bold_max`` the best of each column
+    is bold."""
+    cols = list(table.columns)
+    head = [str(table.index.name or "")] + [str(c) for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] + ["---:"] * len(cols)) + " |"]
+    for idx, cells in _rows(table, bold_max, lambda s: f"**{s}**"):
         lines.append("| " + " | ".join([str(idx)] + cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -82,7 +89,6 @@ def _tex(s: str) -> str:
 def to_latex(table: pd.DataFrame, caption: str = "", label: str = "", bold_max: bool = False) -> str:
     """A booktabs LaTeX table."""
     cols = list(table.columns)
-    best = {c: np.nanmax(table[c].to_numpy(dtype=float)) for c in cols} if bold_max else {}
     out = [r"\begin{table}[t]", r"\centering"]
     if caption:
         out.append(rf"\caption{{{_tex(caption)}}}")
@@ -90,13 +96,7 @@ def to_latex(table: pd.DataFrame, caption: str = "", label: str = "", bold_max: 
         out.append(rf"\label{{{label}}}")
     out += [r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
             " & ".join([_tex(table.index.name or "")] + [_tex(c) for c in cols]) + r" \\", r"\midrule"]
-    for idx, row in table.iterrows():
-        cells = []
-        for c in cols:
-            s = _fmt(float(row[c]))
-            if bold_max and np.isfinite(row[c]) and row[c] == best[c]:
-                s = rf"\textbf{{{s}}}"
-            cells.append(s)
+    for idx, cells in _rows(table, bold_max, lambda s: rf"\textbf{{{s}}}"):
         out.append(" & ".join([_tex(idx)] + cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(out) + "\n"

@@ -25,6 +25,7 @@ __all__ = [
     "cosine_betas",
     "betas_for",
     "space_timesteps",
+    "alphas_cumprod_of",
 ]
 
 
@@ -137,3 +138,13 @@ class NoiseSchedule:
         kept = self.alpha_bar(sorted(timesteps))
         prev = np.concatenate([[1.0], kept[:-1]])
         return NoiseSchedule(1.0 - kept / prev, name=f"{self.name}-respaced")
+
+
+def alphas_cumprod_of(model, alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
+    """ᾱ (float64) given explicitly, or else from ``model.schedule`` (an :class:`EpsModel`)."""
+    if alphas_cumprod is not None:
+        return np.asarray(alphas_cumprod, dtype=np.float64)
+    sched = getattr(model, "schedule", None)
+    if sched is None:
+        raise ValueError("pass alphas_cumprod for an ε-model without a .schedule")
+    return np.asarray(sched.alphas_cumprod, dtype=np.float64)

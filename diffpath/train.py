@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .schedule import NoiseSchedule
+from .schedule import NoiseSchedule, alphas_cumprod_of
 
 __all__ = [
     "UNetConfig",
@@ -517,15 +517,6 @@ def save_pipeline(
 # evaluation helpers
 
 
-def _alphas_cumprod_of(eps_fn: Any, alphas_cumprod: np.ndarray | None) -> np.ndarray:
-    if alphas_cumprod is not None:
-        return np.asarray(alphas_cumprod, dtype=np.float64)
-    sched = getattr(eps_fn, "schedule", None)
-    if sched is None:
-        raise ValueError("pass alphas_cumprod for an ε-function without a .schedule")
-    return np.asarray(sched.alphas_cumprod, dtype=np.float64)
-
-
 @torch.no_grad()
 def denoising_loss_per_timestep(
     eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -550,7 +541,7 @@ def denoising_loss_per_timestep(
     Returns:
         ``(K,)`` float64: the mean squared error per pixel at each timestep (≈ 1 for ε̂ ≡ 0).
     """
-    ab = _alphas_cumprod_of(eps_fn, alphas_cumprod)
+    ab = alphas_cumprod_of(eps_fn, alphas_cumprod)
     x = torch.as_tensor(np.asarray(x0) if not isinstance(x0, torch.Tensor) else x0).float().cpu()
     if x.ndim != 4:
         raise ValueError(f"x0 must be (N, C, H, W), got {tuple(x.shape)}")
