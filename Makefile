@@ -32,7 +32,7 @@ test: setup
 
 ## the paper profile (needs the internet, a GPU, and the weights; see README): checks, then repro
 paper: setup
-	$(PY) -m diffpath.profiles paper
+	$(PY) -m diffpath.study.profiles paper
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 clean-venv:

@@ -12,13 +12,13 @@ the weights, and no checkpoint is needed), then times, in one process, on the sa
     ε is moved to the CPU every step and the statistics are computed in numpy (float32, as the
     reference does). DiffPathV2 has no public code: its reference re-creation draws the study's
     deterministic noise on the device, moves ε̂ to the CPU every step and computes the error, x̂0,
-    the SSIM map (scipy ``gaussian_filter``, the same SSIM definition as :mod:`diffpath.ssim`) and
+    the SSIM map (scipy ``gaussian_filter``, the same SSIM definition as :mod:`diffpath.core.ssim`) and
     the norms in numpy.
 ``eager``
-    the study's own path, :func:`diffpath.cache.compute_cache`, fp32 eager.
+    the study's own path, :func:`diffpath.study.cache.compute_cache`, fp32 eager.
 ``fast``
-    the same :func:`~diffpath.cache.compute_cache` call on a model configured with the fast
-    :class:`~diffpath.models.RunOptions` (built by :func:`diffpath.distributed.run_options_from_params`,
+    the same :func:`~diffpath.study.cache.compute_cache` call on a model configured with the fast
+    :class:`~diffpath.models.RunOptions` (built by :func:`diffpath.study.distributed.run_options_from_params`,
     the function the errors stage uses): by default bf16 autocast + channels_last on CUDA
     (``--compile`` / ``--cuda-graphs`` add torch.compile / CUDA graphs); on CPU the default is what
     measured fastest on the study's 2-core CPU (see ``benchmarks/README.md``).
@@ -80,16 +80,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from diffpath.cache import CacheConfig, compute_cache  # noqa: E402
-from diffpath.distributed import run_options_from_params  # noqa: E402
-from diffpath.methods import METHODS  # noqa: E402
+from diffpath.study.cache import CacheConfig, compute_cache  # noqa: E402
+from diffpath.study.distributed import run_options_from_params  # noqa: E402
+from diffpath.methods.registry import METHODS  # noqa: E402
 from diffpath.models import EpsModel, RunOptions, load_model  # noqa: E402
 from diffpath.models.improved_unet import (  # noqa: E402
     build_from_settings,
     resolve_settings,
     schedule_from_settings,
 )
-from diffpath.schedule import NoiseSchedule  # noqa: E402
+from diffpath.core.schedule import NoiseSchedule  # noqa: E402
 
 ALL_PATHS = ("reference", "eager", "fast", "unet_only", "unet_eager", "fast_patched")
 DEFAULT_PATHS = ("reference", "eager", "fast", "unet_only")
@@ -126,7 +126,7 @@ IMPROVED_CONFIGS: dict[str, dict[str, Any]] = {
 #: where the study's embedded Fashion-MNIST base model lives (a diffusers folder)
 FMNIST_MODEL = ROOT / "models" / "fashion_mnist_ddpm"
 #: stand-in architecture when that folder holds no trained model yet and no train_config.json:
-#: the embedded profile's base model (diffpath.train.UNetConfig's defaults: 1×32×32, 16/24/32/64
+#: the embedded profile's base model (diffpath.study.train.UNetConfig's defaults: 1×32×32, 16/24/32/64
 #: channels, one ResNet block per level, attention in the 4×4 mid block, 8 GroupNorm groups),
 #: linear 1000-step schedule.
 FMNIST_STANDIN: dict[str, Any] = {
@@ -318,7 +318,7 @@ def _reference_diffpath(model: EpsModel, d: _ReferenceDiffusion, x0: torch.Tenso
 
 
 def _np_ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The SSIM map of :mod:`diffpath.ssim` in scipy (float64, symmetric borders, σ 1.5, 11 taps)."""
+    """The SSIM map of :mod:`diffpath.core.ssim` in scipy (float64, symmetric borders, σ 1.5, 11 taps)."""
     from scipy.ndimage import gaussian_filter
 
     x = x.astype(np.float64)
@@ -336,7 +336,7 @@ def _np_ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _reference_diffpathv2(model: EpsModel, d: _ReferenceDiffusion, x0: torch.Tensor,
                           seed: int) -> np.ndarray:
     """A straightforward DiffPathV2 in the reference's style → (B, 6) SSIM-weighted features."""
-    from diffpath.score_error import gaussian_noise, image_keys
+    from diffpath.methods.diffpathv2 import gaussian_noise, image_keys
 
     B, C, H, W = x0.shape
     keys = image_keys(x0)  # the study's deterministic noise, so the features are comparable
@@ -413,7 +413,9 @@ def _patch_nosync() -> list[tuple[Any, str, Any]]:
     bit-identical."""
     import functools
 
-    from diffpath import score_error, ssim, trajectory
+    from diffpath.core import sampling as trajectory
+    from diffpath.core import ssim
+    from diffpath.methods import diffpathv2 as score_error
 
     consts: dict[tuple, torch.Tensor] = {}
 
@@ -448,7 +450,7 @@ def _patch_nosync() -> list[tuple[Any, str, Any]]:
 def _patch_compile_ssim() -> list[tuple[Any, str, Any]]:
     """``torch.compile`` DiffPathV2's SSIM map (fuses its elementwise work around the two
     depthwise convolutions; static shapes)."""
-    from diffpath import score_error
+    from diffpath.methods import diffpathv2 as score_error
 
     old = score_error.ssim_map
     score_error.ssim_map = torch.compile(old, dynamic=False)
@@ -466,12 +468,12 @@ def _patch_compile_noise() -> list[tuple[Any, str, Any]]:
     is compiled (one static-shape graph for all timesteps). The same integer ops in the same order,
     so the noise is bit-identical; checked against the original when the patch is applied.
     """
-    from diffpath import score_error as se
+    from diffpath.methods import diffpathv2 as se
 
     needed = ("_absorb", "_mix32", "_split64", "_LANE_A", "_LANE_B", "_WORD_TWEAKS", "gaussian_noise")
     missing = [n for n in needed if not hasattr(se, n)]
     if missing:
-        raise SystemExit(f"compile_noise: diffpath.score_error no longer has {missing}; update the patch")
+        raise SystemExit(f"compile_noise: diffpath.methods.diffpathv2 no longer has {missing}; update the patch")
 
     def per_pixel(la: torch.Tensor, lb: torch.Tensor, n: int) -> torch.Tensor:
         j = torch.arange(n, dtype=torch.int64, device=la.device).unsqueeze(0)

@@ -32,8 +32,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .methods import METHODS
+    from diffpath import __version__
+    from diffpath.methods.registry import METHODS
 
     parser = argparse.ArgumentParser(
         prog="diffpath",
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(f)
 
     try:
-        from .detector import add_cli_commands  # fit / score, when available
+        from diffpath.detector import add_cli_commands  # fit / score, when available
     except ImportError:
         pass
     else:
@@ -64,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _features(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .cache import CacheConfig, compute_cache
-    from .features import DIFFPATH_STAT_NAMES, diffpath_statistics
-    from .io import load_images_npz, save_npz_atomic
-    from .methods import get_method
-    from .models import RunOptions, load_model, resolve_device
+    from diffpath.study.cache import CacheConfig, compute_cache
+    from diffpath.methods.diffpath import DIFFPATH_STAT_NAMES, diffpath_statistics
+    from diffpath.io import load_images_npz, save_npz_atomic
+    from diffpath.methods.registry import get_method
+    from diffpath.models import RunOptions, load_model, resolve_device
 
     method = get_method(args.method)
     out = Path(args.out)
@@ -97,7 +97,7 @@ def _features(args: argparse.Namespace) -> None:
     if method.family == "diffpath":
         stats = diffpath_statistics(cache["dp_eps"], cache["dp_deps"])
         arrays.update({k: stats[k] for k in DIFFPATH_STAT_NAMES})
-        from .methods import METHODS
+        from diffpath.methods.registry import METHODS
 
         arrays["features_6d"] = METHODS["diffpath"].features(cache)
         arrays["curvature_1d"] = METHODS["diffpath_1d"].features(cache)[:, 0]
@@ -117,8 +117,8 @@ def _features(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .io import InputError
-    from .models import ModelLoadError
+    from diffpath.io import InputError
+    from diffpath.models import ModelLoadError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -45,7 +45,7 @@ differs from the one the detector was fitted with.
 
 Robustness
 ----------
-Unreadable files are skipped with an :class:`~diffpath.images.ImageSkippedWarning` (or refused
+Unreadable files are skipped with an :class:`~diffpath.data.files.ImageSkippedWarning` (or refused
 with ``strict``); an input with no images, an incompatible detector, a changed model and non-finite
 features (named by file) are errors. The detector folder is written into a temporary folder beside
 the target and renamed into place; nothing is left behind by a failed run, except the *work folder*
@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from .images import (
+from diffpath.data.files import (
     RESIZE_MODES,
     ImageSkippedWarning,
     NoImagesError,
@@ -85,7 +85,7 @@ from .images import (
     find_images,
     load_images,
 )
-from .io import InputError, atomic_path, write_text_atomic
+from diffpath.io import InputError, atomic_path, write_text_atomic
 
 __all__ = [
     "FORMAT",
@@ -252,7 +252,7 @@ def _versions() -> dict[str, str]:
     import sklearn
     import torch
 
-    from . import __version__
+    from diffpath import __version__
 
     return {
         "diffpath": __version__,
@@ -320,7 +320,7 @@ class Detector:
 
     @property
     def method(self):
-        from .methods import get_method
+        from diffpath.methods.registry import get_method
 
         return get_method(self.meta["features"]["method"])
 
@@ -348,7 +348,7 @@ class Detector:
         return 100.0 * np.searchsorted(s, np.asarray(scores, np.float64), side="left") / len(s)
 
     def cache_config(self, *, batch_size: int = 128, chunk_size: int = 1024):
-        from .cache import CacheConfig
+        from diffpath.study.cache import CacheConfig
 
         f = self.meta["features"]
         return CacheConfig(
@@ -385,7 +385,7 @@ class Detector:
     def load_model(self, spec: str | os.PathLike | None = None, *, device: str = "auto",
                    precision: str = "fp32"):
         """Load the detector's model (or ``spec`` instead) and check its fingerprint."""
-        from .models import RunOptions, load_model, resolve_device
+        from diffpath.models import RunOptions, load_model, resolve_device
 
         if spec is None:
             given, resolved = self.meta["model"]["spec"], self.meta["model"].get("resolved")
@@ -428,10 +428,10 @@ class Detector:
         Args:
             model: a model spec (diffusers folder, improved-diffusion ``.pt``, hub id) or a loaded
                 :class:`~diffpath.models.EpsModel` (its ``spec`` is stored).
-            normal: image files, folders or globs (:func:`~diffpath.images.find_images`).
-            method: a method of :mod:`diffpath.methods` (default ``diffpathv2``).
-            steps, seed, clip_denoised: feature settings (:class:`~diffpath.cache.CacheConfig`).
-            resize, alpha: preprocessing (:class:`~diffpath.images.Preprocessing`).
+            normal: image files, folders or globs (:func:`~diffpath.data.files.find_images`).
+            method: a method of :mod:`diffpath.methods.registry` (default ``diffpathv2``).
+            steps, seed, clip_denoised: feature settings (:class:`~diffpath.study.cache.CacheConfig`).
+            resize, alpha: preprocessing (:class:`~diffpath.data.files.Preprocessing`).
             accept: fraction of normal images the stored threshold accepts (at least).
             strict: fail on an unreadable file instead of skipping it.
             device, precision, batch_size, chunk_size: how the model pass runs.
@@ -440,9 +440,9 @@ class Detector:
             work_dir: folder of the resumable pass (removed on success); None: in memory.
             progress: tqdm progress bars.
         """
-        from .methods import get_method
-        from .models import RunOptions, load_model, resolve_device
-        from .scorers import make_scorer
+        from diffpath.methods.registry import get_method
+        from diffpath.models import RunOptions, load_model, resolve_device
+        from diffpath.scoring.scorers import make_scorer
 
         m = get_method(method)
         if steps < 2:
@@ -461,7 +461,7 @@ class Detector:
         prep = Preprocessing(size=int(model.image_size), channels=int(model.channels), resize=resize,
                              alpha=alpha)
         fp = model_fingerprint(model)
-        from .cache import CacheConfig
+        from diffpath.study.cache import CacheConfig
 
         cfg = CacheConfig(families=(m.family,), steps=steps, clip_denoised=clip_denoised, seed=seed,
                           noise_key="content", batch_size=batch_size, chunk_size=chunk_size)
@@ -560,7 +560,7 @@ class Detector:
         """Score image files, folders or globs.
 
         Args:
-            inputs: what to score (:func:`~diffpath.images.find_images`).
+            inputs: what to score (:func:`~diffpath.data.files.find_images`).
             model: a loaded model or a spec to use instead of the stored one (its fingerprint must
                 match); default: the detector's model.
             accept: override the stored accept fraction for ``is_ood``.
@@ -655,7 +655,7 @@ class Detector:
             raise DetectorError(f"{path}: {META_FILE} is not a diffpath detector description")
         version = meta.get("format_version")
         if version != FORMAT_VERSION:
-            from . import __version__
+            from diffpath import __version__
 
             newer = isinstance(version, int) and version > FORMAT_VERSION
             raise DetectorError(
@@ -713,7 +713,7 @@ def _check_replaceable(path: Path) -> None:
 def _features(model, x0, paths, cfg, method, fingerprint: str, prep: Preprocessing,
               state: dict[str, Any], progress: bool) -> np.ndarray:
     """The model pass (resumable under ``state["dir"]``) and the method's features, checked finite."""
-    from .cache import compute_cache
+    from diffpath.study.cache import compute_cache
 
     key = _data_key(paths, x0, {"model": fingerprint, "prep": prep.to_dict()})
     out = state["dir"] / "features.npz" if state.get("dir") is not None else None
@@ -738,7 +738,7 @@ def _reuse_finished(out: Path | None, fingerprint: str) -> dict[str, np.ndarray]
     if out is None or not out.is_file():
         return None
     try:
-        from .cache import load_cache
+        from diffpath.study.cache import load_cache
 
         cache = load_cache(out)
         if json.loads(str(cache["meta"])).get("fingerprint") == fingerprint:
@@ -826,7 +826,7 @@ def _report_kept_work(wd: Path) -> None:
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    from .methods import get_method
+    from diffpath.methods.registry import get_method
 
     get_method(args.method)  # an unknown method fails before any work
     out = Path(args.out)
@@ -905,8 +905,8 @@ def _cmd_score(args: argparse.Namespace) -> None:
 
 def add_cli_commands(sub: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register ``fit``, ``score`` and ``export-images`` on the ``diffpath`` command line."""
-    from .images import add_export_arguments, run_export
-    from .methods import METHODS
+    from diffpath.data.files import add_export_arguments, run_export
+    from diffpath.methods.registry import METHODS
 
     f = sub.add_parser("fit", help="fit a detector on a folder of normal images",
                        description="Compute features of normal images and fit the density scorer; "

@@ -117,7 +117,7 @@ def load_images_npz(path: str | os.PathLike, channels: int, size: int) -> np.nda
                 raise InputError(
                     f"{path}: images has shape {imgs.shape}; expected B×H×W or B×H×W×C (C in 1, 3, 4)"
                 )
-            from .data import to_model_input
+            from diffpath.data import to_model_input
 
             return to_model_input(imgs, size=size, channels=channels)
         raise InputError(f"{path}: expected an array named 'x0' or 'images', found {data.files}")

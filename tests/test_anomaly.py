@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffpath.anomaly import DEFAULT_SOURCES, load_mvtec, load_visa, synthetic_anomalies
+from diffpath.data.anomalies import DEFAULT_SOURCES, load_mvtec, load_visa, synthetic_anomalies
 
 # Pinned: the benchmark with n_per_class=2 (20 images per base). A change means the recipe of
-# diffpath.anomaly, or of the embedded sets it reads (diffpath.data), changed.
+# diffpath.data.anomalies, or of the embedded sets it reads (diffpath.data), changed.
 PINNED = {
     "fashion_mnist": "b15c5b5cd206bc04940f551e229350664316ea1a713e0686b36d9d9032a33793",
     "mnist": "33e4cf949afa6513f993544bd1d93c5fa2dff51fca19349447a1ca5c41826698",

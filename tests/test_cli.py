@@ -11,7 +11,7 @@ import torch
 
 from diffpath.cli import main
 from diffpath.models.improved_unet import build_from_settings
-from diffpath.schedule import space_timesteps
+from diffpath.core.schedule import space_timesteps
 
 SMALL = {
     "image_size": 32, "num_channels": 32, "num_res_blocks": 1, "num_heads": 1,

@@ -67,7 +67,7 @@ def no_download(monkeypatch):
     def boom(name, split, root):
         pytest.fail(f"download of {name}/{split} into {root} attempted")
 
-    monkeypatch.setattr(D, "_download_with_torchvision", boom)
+    monkeypatch.setattr(D.paper, "_download_with_torchvision", boom)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def test_unknown_name_and_split_list_the_known_ones():
 def test_module_import_does_not_import_torchvision():
     code = "import sys, diffpath.data; assert 'torchvision' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         cwd=Path(D.__file__).resolve().parents[1])
+                         cwd=Path(D.__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -204,7 +204,7 @@ def test_digits_scaling_exact():
 @pytest.mark.parametrize("name", ["noise", "photos", "textures", "faces", "digits"])
 def test_rebuilding_gives_identical_bytes(name):
     first = D.load_split(name, "test")
-    D._EMBEDDED[name].cache_clear()
+    D.EMBEDDED[name].cache_clear()
     second = D.load_split(name, "test")
     np.testing.assert_array_equal(first.images, second.images)
     np.testing.assert_array_equal(first.labels, second.labels)
@@ -344,12 +344,12 @@ def test_checksum_sees_shape_and_dtype():
 
 def test_fashion_mnist_missing_says_apt_get(tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFPATH_FASHION_MNIST_DIR", str(tmp_path))
-    D._fashion_mnist.cache_clear()
+    D.embedded._fashion_mnist.cache_clear()
     try:
         with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
             D.load_split("fashion_mnist", "test")
     finally:
-        D._fashion_mnist.cache_clear()
+        D.embedded._fashion_mnist.cache_clear()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,7 +471,7 @@ def test_missing_paper_set_fails_fast_with_the_expected_path(tmp_path, monkeypat
         calls.append((n, split, root))
         raise ConnectionError("no network in tests")
 
-    monkeypatch.setattr(D, "_download_with_torchvision", offline)
+    monkeypatch.setattr(D.paper, "_download_with_torchvision", offline)
     with pytest.raises(D.DatasetUnavailableError) as err:
         D.load_split(name, "test", root=tmp_path)
     msg = str(err.value)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from test_images import write_every_format
 
-from diffpath import cache as cache_mod
+from diffpath.study import cache as cache_mod
 from diffpath.cli import main
 from diffpath.data import load_split
 from diffpath.detector import Detector, DetectorError, FeatureError, threshold_at

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffpath.cache import CacheConfig, compute_cache
-from diffpath.distributed import run_options_from_params, run_sharded
+from diffpath.study.cache import CacheConfig, compute_cache
+from diffpath.study.distributed import run_options_from_params, run_sharded
 from diffpath.models import RunOptions, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, fixture_dir):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "diffpath.distributed", "--model", str(model_pt), "--x0", str(x0_file),
+        "-m", "diffpath.study.distributed", "--model", str(model_pt), "--x0", str(x0_file),
         "--out", str(out), "--steps", str(STEPS), "--batch-size", str(BATCH),
         "--chunk-size", str(CHUNK), "--backend", "gloo", "--device", "cpu", "--no-progress",
     ]

@@ -1,4 +1,4 @@
-"""diffpath.images: finding, decoding and preprocessing image files (no model needed)."""
+"""diffpath.data.files: finding, decoding and preprocessing image files (no model needed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffpath.images import (
+from diffpath.data.files import (
     ImageReadError,
     ImageSkippedWarning,
     NoImagesError,

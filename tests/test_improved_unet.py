@@ -21,7 +21,7 @@ from diffpath.models.improved_unet import (
     settings_defaults,
     timestep_embedding,
 )
-from diffpath.schedule import NoiseSchedule
+from diffpath.core.schedule import NoiseSchedule
 
 torch.set_num_threads(1)
 

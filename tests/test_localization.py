@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffpath.anomaly import synthetic_anomalies
+from diffpath.data.anomalies import synthetic_anomalies
 from diffpath.data import to_model_input
-from diffpath.localization import (
+from diffpath.methods.localization import (
     CountingModel,
     UNetFeatures,
     anomaly_maps,
@@ -25,7 +25,7 @@ from diffpath.localization import (
     ssim_distance_map,
     to_image_grid,
 )
-from diffpath.metrics import (
+from diffpath.scoring.metrics import (
     image_auroc,
     localization_metrics,
     pixel_auroc,
@@ -33,7 +33,7 @@ from diffpath.metrics import (
     pro_score,
 )
 from diffpath.models import EpsModel
-from diffpath.schedule import NoiseSchedule
+from diffpath.core.schedule import NoiseSchedule
 
 torch.set_num_threads(1)
 
@@ -331,7 +331,7 @@ def test_auroc_conventions_and_per_class_rows():
 def test_latent_reconstruction_with_tiny_parts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from diffpath.latent import ConditionalEps, LatentDiffusion, latent_reconstruct, schedule_from_scheduler_config
+    from diffpath.methods.latent import ConditionalEps, LatentDiffusion, latent_reconstruct, schedule_from_scheduler_config
 
     torch.manual_seed(0)
     vae = AutoencoderKL(

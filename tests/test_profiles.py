@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
-from diffpath.profiles import check_profile, main
-from diffpath.study import STAGES, load_params, stage_parameters
+from diffpath.study.profiles import check_profile, main
+from diffpath.study.stages import STAGES, load_params, stage_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 

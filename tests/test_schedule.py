@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from diffpath.schedule import NoiseSchedule, cosine_betas, linear_betas, space_timesteps
+from diffpath.core.schedule import NoiseSchedule, cosine_betas, linear_betas, space_timesteps
 
 
 def test_linear_betas_match_ddpm_at_1000():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffpath.schedule import NoiseSchedule
-from diffpath.score_error import (
+from diffpath.core.schedule import NoiseSchedule
+from diffpath.methods.diffpathv2 import (
     MAP_NAMES,
     ScoreErrorConfig,
     diffpathv2_1d,
@@ -18,8 +18,8 @@ from diffpath.score_error import (
     image_keys,
     score_error_path,
 )
-from diffpath.ssim import ssim_map
-from diffpath.trajectory import moments
+from diffpath.core.ssim import ssim_map
+from diffpath.core.sampling import moments
 
 torch.set_num_threads(1)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.base import clone
 
-from diffpath.metrics import aupr, auroc, detection_metrics, fpr_at_tpr
-from diffpath.scorers import GMMScorer, KDEScorer, make_scorer
+from diffpath.scoring.metrics import aupr, auroc, detection_metrics, fpr_at_tpr
+from diffpath.scoring.scorers import GMMScorer, KDEScorer, make_scorer
 
 
 def test_auroc_in_distribution_is_positive():

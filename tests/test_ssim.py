@@ -1,4 +1,4 @@
-"""diffpath.ssim against scikit-image's reference SSIM (Wang et al. settings)."""
+"""diffpath.core.ssim against scikit-image's reference SSIM (Wang et al. settings)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from diffpath.ssim import gaussian_window, ssim_map, symmetric_pad_index
+from diffpath.core.ssim import gaussian_window, ssim_map, symmetric_pad_index
 
 torch.set_num_threads(1)
 

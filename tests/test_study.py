@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from diffpath.study import STAGES, load_params, run_stage, stage_parameters
+from diffpath.study.stages import STAGES, load_params, run_stage, stage_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_booleans_and_lists_reach_the_notebook_intact(study):
 
 
 def test_cli_overrides_parse_yaml_values(tmp_path):
-    from diffpath.study import _override
+    from diffpath.study.stages import _override
 
     params = {"errors": {"clip_denoised": True}, "data": {"in_dist": ["a"]}}
     _override(params, ["errors.clip_denoised=false", "data.in_dist=[a, b]", "errors.steps=5"])

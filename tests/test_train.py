@@ -1,4 +1,4 @@
-"""Fast tests of diffpath.train on a tiny seeded UNet (16×16, two levels): a few seconds on 2 cores."""
+"""Fast tests of diffpath.study.train on a tiny seeded UNet (16×16, two levels): a few seconds on 2 cores."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpath.train import (
+from diffpath.study.train import (
     TrainConfig,
     UNetConfig,
     build_unet,

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffpath.features import diffpath_statistics, order_norm_sums
-from diffpath.schedule import NoiseSchedule
-from diffpath.trajectory import MOMENTS, ddim_coefficients, ddim_denoise, ddim_invert, diffpath_path, moments
+from diffpath.methods.diffpath import diffpath_statistics, order_norm_sums
+from diffpath.core.schedule import NoiseSchedule
+from diffpath.core.sampling import MOMENTS, ddim_coefficients, ddim_denoise, ddim_invert, diffpath_path, moments
 
 
 def zero_model(x, t):

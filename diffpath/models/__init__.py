@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..schedule import NoiseSchedule
+from diffpath.core.schedule import NoiseSchedule
 
 __all__ = [
     "EpsFn",

@@ -568,7 +568,7 @@ def load_checkpoint_into(net: nn.Module, state_dict: Any, source: str) -> None:
 
 def schedule_from_settings(settings: Mapping[str, Any]):
     """The training noise schedule: ``noise_schedule`` over ``diffusion_steps`` (float64)."""
-    from ..schedule import NoiseSchedule
+    from diffpath.core.schedule import NoiseSchedule
 
     defaults = settings_defaults()
     name = settings.get("noise_schedule", defaults["noise_schedule"])

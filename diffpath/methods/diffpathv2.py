@@ -8,11 +8,11 @@ The method, per image x0 and chosen timestep t_i (i = 0 .. T−1, ascending)
 1. **Score error.** Draw *known* noise ε_i, forward-noise x_i = √ᾱ·x0 + √(1−ᾱ)·ε_i, predict
    ε̂_i = model(x_i, t_i) and keep the per-pixel error e_i = ε̂_i − ε_i.
 2. **Reconstruction and SSIM weight.** x̂0_i = (x_i − √(1−ᾱ)·ε̂_i)/√ᾱ, S_i = SSIM map between x0
-   and x̂0_i (:func:`diffpath.ssim.ssim_map`: Gaussian window σ = 1.5, 11×11, L = 2, K1 = 0.01,
+   and x̂0_i (:func:`diffpath.core.ssim.ssim_map`: Gaussian window σ = 1.5, 11×11, L = 2, K1 = 0.01,
    K2 = 0.03, per channel), weighted error w_i = (1 − S_i) ⊙ e_i.
 3. **Temporal derivatives.** Δe_i = (e_{i+1} − e_i)·T and Δw_i = (w_{i+1} − w_i)·T, scaled by the
    number of chosen steps exactly as DiffPath scales Δε.
-4. **Summary.** Per step, :func:`diffpath.trajectory.moments` reduces each of e, Δe, w, Δw to five
+4. **Summary.** Per step, :func:`diffpath.core.sampling.moments` reduces each of e, Δe, w, Δw to five
    per-image sums on the device; the 6-D feature is the sums over steps of the 1st-, 2nd- and
    3rd-order norms of the error and of its derivative (:func:`diffpathv2_features`).
 
@@ -65,10 +65,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .features import order_norm_sums
-from .models import EpsFn
-from .ssim import ssim_map
-from .trajectory import MOMENTS, moments
+from diffpath.methods.diffpath import order_norm_sums
+from diffpath.models import EpsFn
+from diffpath.core.ssim import ssim_map
+from diffpath.core.sampling import MOMENTS, moments
 
 __all__ = [
     "ScoreErrorConfig",
@@ -224,7 +224,7 @@ class ScoreErrorConfig:
         noise_key: ``"content"`` (keys hash the quantised pixels; the default) or ``"index"``
             (the caller passes global image indices as keys).
         clip_x0_hat: clip the reconstruction x̂0 to [-1, 1] before the SSIM.
-        ssim_window, ssim_sigma, ssim_data_range, ssim_k1, ssim_k2: :func:`diffpath.ssim.ssim_map`.
+        ssim_window, ssim_sigma, ssim_data_range, ssim_k1, ssim_k2: :func:`diffpath.core.ssim.ssim_map`.
     """
 
     seed: int = 0
@@ -246,7 +246,7 @@ class ScoreErrorResult:
     """What one DiffPathV2 pass over a batch gives (moments on the model's device).
 
     Attributes:
-        err_moments: (B, T, 5) float64, :func:`~diffpath.trajectory.moments` of e_i = ε̂_i − ε_i.
+        err_moments: (B, T, 5) float64, :func:`~diffpath.core.sampling.moments` of e_i = ε̂_i − ε_i.
         derr_moments: (B, T−1, 5) float64, moments of Δe_i = (e_{i+1} − e_i)·T.
         werr_moments: (B, T, 5) float64, moments of w_i = (1 − SSIM_i)·e_i.
         dwerr_moments: (B, T−1, 5) float64, moments of Δw_i = (w_{i+1} − w_i)·T.
@@ -325,7 +325,7 @@ def score_error_path(
     prev_err: torch.Tensor | None = None
     prev_werr: torch.Tensor | None = None
     # coefficients live in float64 and are rounded once to the working precision before they
-    # meet the images (as in diffpath.trajectory), all steps in one host→device copy
+    # meet the images (as in diffpath.core.sampling), all steps in one host→device copy
     a = abar[list(ts)]
     table = torch.from_numpy(np.stack([np.sqrt(a), np.sqrt(1.0 - a)], 1)).to(dev, dtype)
     for i, t in enumerate(ts):
@@ -405,7 +405,7 @@ def diffpathv2_features(
         err_moments: (B, T, 5) moments of the error at each step.
         derr_moments: (B, T−1, 5) moments of its derivative (ignored without ``derivative``).
         kind: ``"norm"``: Σ_t ‖q_t‖₁, Σ_t ‖q_t‖₂, Σ_t ‖q_t‖₃; ``"power"``: Σ_t Σ|q_t|,
-            Σ_t Σq_t², Σ_t Σ|q_t|³ (see :func:`diffpath.features.order_norm_sums`).
+            Σ_t Σq_t², Σ_t Σ|q_t|³ (see :func:`diffpath.methods.diffpath.order_norm_sums`).
         derivative: append the same three sums of the derivative.
 
     Returns:

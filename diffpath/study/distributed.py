@@ -1,8 +1,8 @@
-"""The errors stage past one GPU: :func:`~diffpath.cache.compute_cache` sharded under torchrun.
+"""The errors stage past one GPU: :func:`~diffpath.study.cache.compute_cache` sharded under torchrun.
 
 Run it as::
 
-    torchrun --nproc_per_node N -m diffpath.distributed --model SPEC --x0 FILE.npy --out CACHE.npz \\
+    torchrun --nproc_per_node N -m diffpath.study.distributed --model SPEC --x0 FILE.npy --out CACHE.npz \\
         [--families diffpath,diffpathv2] [--steps 10] [--batch-size 256] [--chunk-size 2048] \\
         [--backend auto|nccl|gloo] [--device auto|cpu|cuda] [--precision auto|fp32|tf32|bf16] \\
         [--channels-last] [--compile] [--cuda-graphs] [--work-dir DIR]
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import FAMILIES, CacheConfig, compute_cache
-from .models import RunOptions, load_model
+from diffpath.study.cache import FAMILIES, CacheConfig, compute_cache
+from diffpath.models import RunOptions, load_model
 
 __all__ = [
     "fast_run_options",
@@ -221,7 +221,7 @@ def load_x0(path: str | Path, channels: int, size: int) -> np.ndarray:
     """Model inputs from ``.npy`` (float (N, C, H, W) in [-1, 1]; memory-mapped, so each rank reads
     only its chunks) or ``.npz``
     (``x0`` or uint8 ``images``, see :func:`diffpath.io.load_images_npz`)."""
-    from .io import InputError, load_images_npz
+    from diffpath.io import InputError, load_images_npz
 
     path = Path(path)
     if path.suffix == ".npz":
@@ -266,7 +266,7 @@ def run_sharded(
         x0: (N, C, H, W) float32 images in [-1, 1], or a ``.npy`` / ``.npz`` file holding them.
         out: the cache ``.npz`` (rank 0 writes it; chunk parts go to ``out + ".parts/"``).
         families, steps, batch_size, chunk_size, seed, noise_key, clip_denoised, n_maps: the
-            :class:`~diffpath.cache.CacheConfig`.
+            :class:`~diffpath.study.cache.CacheConfig`.
         run_options: :class:`RunOptions`, or a params mapping for :func:`run_options_from_params`.
         backend, device: see :func:`dist_env`.
         data_key: identifies the input (a resumed run must match it).
@@ -305,9 +305,9 @@ def run_sharded(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m diffpath.distributed",
+        prog="python -m diffpath.study.distributed",
         description="Compute the error cache, sharded over torchrun processes "
-                    "(torchrun --nproc_per_node N -m diffpath.distributed ...).",
+                    "(torchrun --nproc_per_node N -m diffpath.study.distributed ...).",
     )
     p.add_argument("--model", required=True, help="diffusers folder, improved-diffusion .pt, or hub id")
     p.add_argument("--x0", required=True, help=".npy (float N×C×H×W in [-1, 1]) or .npz (x0 / images)")
@@ -335,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .io import InputError
-    from .models import ModelLoadError
+    from diffpath.io import InputError
+    from diffpath.models import ModelLoadError
 
     opts = {"precision": args.precision, "channels_last": args.channels_last,
             "compile": args.compile, "cuda_graphs": args.cuda_graphs}
@@ -351,11 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             work_dir=args.work_dir,
         )
     except (InputError, ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"diffpath.distributed: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"diffpath.study.distributed: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if cache is not None:
         n = len(cache["index"])
-        print(f"diffpath.distributed: wrote {args.out} ({n} images, "
+        print(f"diffpath.study.distributed: wrote {args.out} ({n} images, "
               f"{int(os.environ.get('WORLD_SIZE', '1'))} process(es))", file=sys.stderr)
     return 0
 

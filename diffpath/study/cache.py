@@ -1,7 +1,7 @@
 """The error cache: one model pass per (model, data set, split), reduced to per-step moments.
 
 The UNet passes are the whole cost of the study, so they run once and their per-image, per-step
-moments are cached (see :mod:`diffpath.trajectory`); every feature variant, ablation, scorer and
+moments are cached (see :mod:`diffpath.core.sampling`); every feature variant, ablation, scorer and
 figure is then computed from the cache without touching the model again.
 
 Cache arrays (N images, T steps, 5 moments each, float64):
@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import save_npz_atomic, write_json_atomic
-from .models import EpsModel
-from .trajectory import ddim_coefficients, diffpath_path
+from diffpath.io import save_npz_atomic, write_json_atomic
+from diffpath.models import EpsModel
+from diffpath.core.sampling import ddim_coefficients, diffpath_path
 
 __all__ = ["CacheConfig", "compute_cache", "load_cache", "FAMILIES"]
 
@@ -63,7 +63,7 @@ class CacheConfig:
         clip_denoised: clip x̂0 on the DiffPath path (DiffPath does).
         v2_timesteps: ``"diffpath"`` (the same respaced timesteps as the path) or an explicit list.
         seed: global seed of DiffPathV2's noise.
-        noise_key: ``"content"`` or ``"index"`` (see :mod:`diffpath.score_error`).
+        noise_key: ``"content"`` or ``"index"`` (see :mod:`diffpath.methods.diffpathv2`).
         clip_x0_hat: clip DiffPathV2's reconstruction before SSIM.
         batch_size: images per model call.
         chunk_size: images per resumable chunk.
@@ -158,7 +158,7 @@ def _batch_arrays(model: EpsModel, x: torch.Tensor, idx: torch.Tensor, cfg: Cach
         if keep_maps:
             out["maps_dp_eps"], out["maps_dp_xt"] = r.eps, r.xt
     if "diffpathv2" in cfg.families:
-        from .score_error import ScoreErrorConfig, score_error_path
+        from diffpath.methods.diffpathv2 import ScoreErrorConfig, score_error_path
 
         sc = ScoreErrorConfig(seed=cfg.seed, noise_key=cfg.noise_key, clip_x0_hat=cfg.clip_x0_hat)
         keys = idx if cfg.noise_key == "index" else None

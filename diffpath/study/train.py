@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .schedule import NoiseSchedule, alphas_cumprod_of
+from diffpath.core.schedule import NoiseSchedule, alphas_cumprod_of
 
 __all__ = [
     "UNetConfig",
@@ -624,7 +624,7 @@ def untrained_like(model: Any, seed: int = 0) -> Any:
     the same schedule: the "untrained" baseline of the evaluation notebook."""
     from diffusers import UNet2DModel
 
-    from .models import EpsModel, _DiffusersAdapter
+    from diffpath.models import EpsModel, _DiffusersAdapter
 
     cfg = model.settings.get("unet") if isinstance(model.settings, dict) else None
     if not cfg:

@@ -56,7 +56,7 @@ Finally pixels are scaled to [-1, 1] by ``x / 127.5 − 1``.
 
 Exporting demo images
 ---------------------
-``python -m diffpath.images export fashion_mnist --split train --n 500 --out demo/normal`` writes
+``python -m diffpath.data.files export fashion_mnist --split train --n 500 --out demo/normal`` writes
 images of any registered data set (:func:`diffpath.data.load_split`) as PNG files, for trying
 ``diffpath fit`` / ``diffpath score`` offline.
 """
@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import InputError
+from diffpath.io import InputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -385,7 +385,7 @@ def preprocess(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
     Raises:
         ValueError: pixels of the wrong dtype/shape, or an image too large for ``resize="pad"``.
     """
-    from .data import to_model_input
+    from diffpath.data import to_model_input
 
     x = np.asarray(image)
     if x.dtype != np.uint8:
@@ -529,7 +529,7 @@ def export_images(
     """
     from PIL import Image
 
-    from .data import load_split
+    from diffpath.data import load_split
 
     fmt = fmt.lower().lstrip(".")
     pil_format = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF",
@@ -571,8 +571,8 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffpath.images export DATASET --split train --n 500 --out DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m diffpath.images",
+    """``python -m diffpath.data.files export DATASET --split train --n 500 --out DIR``."""
+    parser = argparse.ArgumentParser(prog="python -m diffpath.data.files",
                                      description="Image helpers of diffpath.")
     sub = parser.add_subparsers(dest="command", required=True)
     e = sub.add_parser("export", help="write a data set's images as files (offline demo data)")

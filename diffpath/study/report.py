@@ -142,7 +142,7 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], ax=None
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
     """Save a figure atomically."""
-    from .io import atomic_path
+    from diffpath.io import atomic_path
 
     path = Path(path)
     with atomic_path(path, suffix=path.suffix) as tmp:

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .features import diffpath_1d, diffpath_6d, diffpath_statistics
+from diffpath.methods.diffpath import diffpath_1d, diffpath_6d, diffpath_statistics
 
 __all__ = ["Method", "METHODS", "get_method", "method_features"]
 
 
 def _v2(err: str, kind: str = "norm", derivative: bool = True) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
     def f(cache: Mapping[str, np.ndarray]) -> np.ndarray:
-        from .score_error import diffpathv2_features
+        from diffpath.methods.diffpathv2 import diffpathv2_features
 
         return diffpathv2_features(cache[f"v2_{err}"], cache[f"v2_d{err}"], kind=kind, derivative=derivative)
 
@@ -35,7 +35,7 @@ def _v2(err: str, kind: str = "norm", derivative: bool = True) -> Callable[[Mapp
 
 
 def _v2_1d(cache: Mapping[str, np.ndarray]) -> np.ndarray:
-    from .score_error import diffpathv2_1d
+    from diffpath.methods.diffpathv2 import diffpathv2_1d
 
     return diffpathv2_1d(cache["v2_dwerr"])
 

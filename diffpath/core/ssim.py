@@ -24,7 +24,7 @@ what :func:`scipy.ndimage.gaussian_filter` calls ``mode="reflect"``. scikit-imag
 ``skimage.filters.gaussian(..., mode="reflect", truncate=3.5)``, i.e. exactly this extension and an
 11-tap kernel for σ = 1.5, so the two maps agree at *every* pixel, borders included (skimage's
 scalar ``mssim`` then averages only the interior; our per-image means in
-:mod:`diffpath.score_error` average the whole map). Note that torch's own ``"reflect"`` padding is
+:mod:`diffpath.methods.diffpathv2` average the whole map). Note that torch's own ``"reflect"`` padding is
 the *other* reflection (edge pixel not repeated, scipy's ``"mirror"``), so it is not used here. The
 extension is periodic with period 2·size, so images smaller than the window are handled too.
 

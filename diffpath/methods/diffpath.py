@@ -1,7 +1,7 @@
 """Features from per-step moments.
 
 Every feature of the study is a function of the per-image, per-step moments that
-:mod:`diffpath.trajectory` reduces on the device (see :data:`diffpath.trajectory.MOMENTS`), so that
+:mod:`diffpath.core.sampling` reduces on the device (see :data:`diffpath.core.sampling.MOMENTS`), so that
 the expensive model passes are cached once and every variant is computed from the cache.
 
 DiffPath (Heng et al., 2024)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .trajectory import MOMENTS
+from diffpath.core.sampling import MOMENTS
 
 __all__ = [
     "DIFFPATH_STAT_NAMES",

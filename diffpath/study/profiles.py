@@ -1,9 +1,9 @@
 """Switch the study between profiles, checking first that a profile can run here.
 
-``python -m diffpath.profiles paper`` checks that the paper profile's model and data sets are in
+``python -m diffpath.study.profiles paper`` checks that the paper profile's model and data sets are in
 place (and that a GPU is present), fails fast with a message saying what to put where, and only
 then installs ``params-paper.yaml`` as ``params.yaml`` (keeping the embedded one as
-``params-embedded.yaml``). ``python -m diffpath.profiles embedded`` switches back.
+``params-embedded.yaml``). ``python -m diffpath.study.profiles embedded`` switches back.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .study import load_params
+from diffpath.study.stages import load_params
 
 __all__ = ["check_profile", "main"]
 
@@ -34,7 +34,7 @@ def check_profile(params: dict, *, require_gpu: bool = True) -> list[str]:
             problems.append(f"model: {p} has no settings file beside it ({p.with_suffix('.json').name} or .yaml)")
     elif not p.exists() and not (spec.count("/") == 1 and not spec.startswith((".", "/"))):
         problems.append(f"model: {spec} is neither a local folder nor a hub id")
-    from .data import DatasetUnavailableError, load_split
+    from diffpath.data import DatasetUnavailableError, load_split
 
     for name in params["data"]["datasets"]:
         for split in ("train", "test"):
@@ -56,7 +56,7 @@ def check_profile(params: dict, *, require_gpu: bool = True) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m diffpath.profiles", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m diffpath.study.profiles", description=__doc__.split("\n")[0])
     ap.add_argument("profile", choices=["paper", "embedded"])
     ap.add_argument("--no-gpu", action="store_true", help="do not require a GPU")
     ap.add_argument("--check-only", action="store_true", help="check, do not switch")

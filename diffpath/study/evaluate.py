@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .cache import load_cache
-from .methods import get_method
-from .metrics import detection_metrics
-from .scorers import make_scorer
+from diffpath.study.cache import load_cache
+from diffpath.methods.registry import get_method
+from diffpath.scoring.metrics import detection_metrics
+from diffpath.scoring.scorers import make_scorer
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -56,8 +56,8 @@ def fit_method_scorer(
     """Fit ``method``'s scorer on its features of ``train_cache``.
 
     Args:
-        gmm: keyword arguments of :class:`diffpath.scorers.GMMScorer` for multi-D methods.
-        kde: keyword arguments of :class:`diffpath.scorers.KDEScorer` for 1-D methods.
+        gmm: keyword arguments of :class:`diffpath.scoring.scorers.GMMScorer` for multi-D methods.
+        kde: keyword arguments of :class:`diffpath.scoring.scorers.KDEScorer` for 1-D methods.
         kde_standardize: 1-D methods whose feature is standardised before the KDE.
     """
     m = get_method(method)

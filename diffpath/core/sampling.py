@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import EpsFn
+from diffpath.models import EpsFn
 
 __all__ = [
     "MOMENTS",

@@ -6,10 +6,10 @@ text prompt ``"an image of a {class}"``:
 1. encode the image with the VAE: z0 = scaling_factor · E(x0) (the posterior *mean* here, so the
    result is deterministic; DIVAD samples from the posterior);
 2. DDIM-invert z0 to ``t0`` and denoise it back with the text-conditioned UNet, on the same
-   timesteps both ways (:func:`diffpath.localization.reconstruct`, no x̂0 clipping in latent space);
+   timesteps both ways (:func:`diffpath.methods.localization.reconstruct`, no x̂0 clipping in latent space);
 3. decode: x̂0 = D(ẑ0 / scaling_factor), clamped to [-1, 1].
 
-The pixel / SSIM maps of :mod:`diffpath.localization` then compare x0 with x̂0 as for pixel-space
+The pixel / SSIM maps of :mod:`diffpath.methods.localization` then compare x0 with x̂0 as for pixel-space
 models. With ``guidance_scale`` ≠ 1, classifier-free guidance is applied at every step
 (ε = ε_u + s·(ε_c − ε_u), DIVAD uses s = 3.5 with an empty negative prompt), which doubles the
 UNet evaluations.
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .localization import reconstruct
-from .schedule import NoiseSchedule
+from diffpath.methods.localization import reconstruct
+from diffpath.core.schedule import NoiseSchedule
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -203,7 +203,7 @@ def latent_reconstruct(
     Args:
         ld: the model parts.
         x0: (B, 3, H, W) images in [-1, 1].
-        t0, steps: see :func:`diffpath.localization.reconstruct`.
+        t0, steps: see :func:`diffpath.methods.localization.reconstruct`.
         prompt_embeds: (1 or B, L, D) embeddings; or ``prompts`` (strings, e.g.
             ``PROMPT_TEMPLATE.format("candle")``) embedded with :meth:`LatentDiffusion.embed`.
         negative_embeds: embeddings of the negative prompt (default: of ``""`` when guiding).

@@ -40,7 +40,7 @@ Anomaly maps (each ``(B, 1, H, W)`` at the input's size, higher = more anomalous
 ``"pixel"``
     |x0 − x̂0| averaged over channels (``pixel_power=2``: the squared difference).
 ``"ssim"``
-    1 − SSIM(x0, x̂0) averaged over channels (:func:`diffpath.ssim.ssim_map`, 11-tap Gaussian
+    1 − SSIM(x0, x̂0) averaged over channels (:func:`diffpath.core.ssim.ssim_map`, 11-tap Gaussian
     window of σ = 1.5, data range 2); in [0, 2].
 ``"feature"``
     1 − cosine similarity over channels between the diffusion UNet's *own* intermediate
@@ -76,9 +76,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import EpsFn
-from .schedule import alphas_cumprod_of
-from .trajectory import DDIMCoefficients, StepCallback, ddim_denoise, ddim_invert
+from diffpath.models import EpsFn
+from diffpath.core.schedule import alphas_cumprod_of
+from diffpath.core.sampling import DDIMCoefficients, StepCallback, ddim_denoise, ddim_invert
 
 __all__ = [
     "METHODS",
@@ -131,10 +131,10 @@ def partial_ddim_coefficients(
     With s_j = :func:`partial_timesteps` and s_steps := t0:
 
     * ``invert``: timesteps s_0 … s_{steps−1}, ``alpha_bar_next[j]`` = ᾱ_{s_{j+1}} (the last one
-      ᾱ_{t0}); use with :func:`diffpath.trajectory.ddim_invert`, which then returns x_{t0}.
+      ᾱ_{t0}); use with :func:`diffpath.core.sampling.ddim_invert`, which then returns x_{t0}.
     * ``denoise``: timesteps s_1 … s_steps (= t0), ``alpha_bar_prev[j]`` = ᾱ_{s_j} for j ≥ 1 and 1
       for the first (the final step returns x̂0); use with
-      :func:`diffpath.trajectory.ddim_denoise` starting from x_{t0}.
+      :func:`diffpath.core.sampling.ddim_denoise` starting from x_{t0}.
 
     Args:
         alphas_cumprod: (T,) float64 ᾱ of the model's training schedule.
@@ -355,11 +355,11 @@ def default_smooth_sigma(size: int) -> float:
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) maps, σ in pixels, 2·⌈4σ⌉+1 taps (scipy's
-    ``truncate=4``), symmetric (edge-repeating) border extension as in :mod:`diffpath.ssim`.
+    ``truncate=4``), symmetric (edge-repeating) border extension as in :mod:`diffpath.core.ssim`.
     ``sigma <= 0`` returns the maps unchanged."""
     if sigma <= 0:
         return maps
-    from .ssim import gaussian_window, symmetric_pad_index
+    from diffpath.core.ssim import gaussian_window, symmetric_pad_index
 
     r = max(1, int(math.ceil(4.0 * sigma)))
     g = gaussian_window(2 * r + 1, sigma, dtype=maps.dtype, device=maps.device)
@@ -382,7 +382,7 @@ def ssim_distance_map(
     x: torch.Tensor, x_hat: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5
 ) -> torch.Tensor:
     """1 − SSIM averaged over channels, (B, 1, H, W) in [0, 2] (images in [-1, 1])."""
-    from .ssim import ssim_map
+    from diffpath.core.ssim import ssim_map
 
     s = ssim_map(x.float(), x_hat.float(), window_size=window_size, sigma=sigma, data_range=2.0)
     return (1.0 - s).mean(1, keepdim=True).clamp(0.0, 2.0)  # float error can put SSIM a hair above 1

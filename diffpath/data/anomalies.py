@@ -31,7 +31,7 @@ mask all zero) and half with one rectangular patch of *foreign* content pasted i
 ``DEFAULT_SOURCES``: ``textures``, ``photos``, ``mnist``, ``noise`` for ``fashion_mnist``; the same
 with ``letters`` in place of ``mnist`` for ``mnist`` itself. Images keep the base set's 28×28; the
 model input is padded to 32 by :func:`diffpath.data.to_model_input` and the maps are cropped back
-(:func:`diffpath.localization.to_image_grid`), so metrics are computed on the 28×28 grid.
+(:func:`diffpath.methods.localization.to_image_grid`), so metrics are computed on the 28×28 grid.
 
 MVTec AD / VisA (:func:`load_mvtec`, :func:`load_visa`; for online users with the files)
 -----------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class AnomalySet:
 
     def checksum(self) -> str:
         """SHA-256 over images, masks, labels and classes (see :func:`diffpath.data.checksum`)."""
-        from .data import checksum
+        from diffpath.data import checksum
 
         h = hashlib.sha256()
         for arr in (self.images, self.masks.astype(np.uint8), self.labels, self.classes):
@@ -126,7 +126,7 @@ class AnomalySet:
 
 def _luma(img: np.ndarray) -> np.ndarray:
     if img.ndim == 3:
-        from .data import rgb_to_luma
+        from diffpath.data import rgb_to_luma
 
         return rgb_to_luma(img[..., :3])
     return img
@@ -187,7 +187,7 @@ def synthetic_anomalies(
     Returns:
         :class:`AnomalySet` ordered by class, anomalous images first within a class.
     """
-    from .data import load_split
+    from diffpath.data import load_split
 
     if base not in _BASE_CODE:
         raise ValueError(f"unknown base {base!r}; choose one of {', '.join(SYNTHETIC_BASES)}")

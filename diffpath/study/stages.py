@@ -28,7 +28,7 @@ import yaml
 
 __all__ = ["Stage", "STAGES", "stage_parameters", "run_stage", "render_html", "load_params", "main"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ def render_html(notebook: str | os.PathLike, target: str | os.PathLike) -> None:
     import nbformat
     from nbconvert import HTMLExporter
 
-    from .io import write_text_atomic
+    from diffpath.io import write_text_atomic
 
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
     write_text_atomic(target, body)
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.html:
             render_html(out, args.html)
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"diffpath.study: error: {exc}", file=sys.stderr)
+        print(f"diffpath.study.stages: error: {exc}", file=sys.stderr)
         return 2
     print(f"executed {out}", file=sys.stderr)
     return 0

@@ -1,0 +1,1 @@
+"""Each method's pass and its features from cached moments."""

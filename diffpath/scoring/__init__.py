@@ -1,0 +1,1 @@
+"""Density scorers and metrics."""

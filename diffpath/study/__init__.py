@@ -1,0 +1,1 @@
+"""The study: stages, artifact layout, error cache, evaluation, report, profiles, training."""
