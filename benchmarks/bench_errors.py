@@ -336,7 +336,7 @@ def _np_ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _reference_diffpathv2(model: EpsModel, d: _ReferenceDiffusion, x0: torch.Tensor,
                           seed: int) -> np.ndarray:
     """A straightforward DiffPathV2 in the reference's style → (B, 6) SSIM-weighted features."""
-    from diffpath.methods.diffpathv2 import gaussian_noise, image_keys
+    from diffpath.core.noise import gaussian_noise, image_keys
 
     B, C, H, W = x0.shape
     keys = image_keys(x0)  # the study's deterministic noise, so the features are comparable
@@ -405,48 +405,6 @@ def unet_run(model: EpsModel, batches: list[torch.Tensor], cfg: CacheConfig) -> 
 # proposed package changes, monkeypatched in for the ``fast_patched`` path
 
 
-def _patch_nosync() -> list[tuple[Any, str, Any]]:
-    """No host→device copy per step: the per-step scalar coefficients of
-    ``trajectory._f32`` / ``score_error._coef`` (``_f32`` in older versions) and the SSIM window
-    are built once per (value, device, dtype) and reused. On CUDA every such copy of a pageable CPU
-    tensor is a stream synchronisation (``copy_`` with ``non_blocking=False``); the values are
-    bit-identical."""
-    import functools
-
-    from diffpath.core import sampling as trajectory
-    from diffpath.core import ssim
-    from diffpath.methods import diffpathv2 as score_error
-
-    consts: dict[tuple, torch.Tensor] = {}
-
-    def const(v: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (float(v), str(device), dtype)
-        c = consts.get(key)
-        if c is None:
-            c = consts[key] = torch.tensor(float(v), dtype=torch.float64).to(device, dtype)
-        return c
-
-    undo: list[tuple[Any, str, Any]] = []
-
-    def setp(mod: Any, name: str, new: Any) -> None:
-        undo.append((mod, name, getattr(mod, name)))
-        setattr(mod, name, new)
-
-    if hasattr(trajectory, "_f32"):
-        setp(trajectory, "_f32", lambda v, like: const(v, like.device, torch.float32))
-    if hasattr(score_error, "_coef"):
-        setp(score_error, "_coef", lambda v, device, dtype: const(v, device, dtype))
-    elif hasattr(score_error, "_f32"):
-        setp(score_error, "_f32", lambda v, device: const(v, device, torch.float32))
-    orig_window = ssim.gaussian_window
-    cached = functools.lru_cache(maxsize=64)(
-        lambda w, s, dtype, device: orig_window(w, s, dtype=dtype, device=device))
-    setp(ssim, "gaussian_window",
-         lambda window_size=11, sigma=1.5, *, dtype=torch.float32, device=None:
-         cached(window_size, sigma, dtype, None if device is None else torch.device(device)))
-    return undo
-
-
 def _patch_compile_ssim() -> list[tuple[Any, str, Any]]:
     """``torch.compile`` DiffPathV2's SSIM map (fuses its elementwise work around the two
     depthwise convolutions; static shapes)."""
@@ -458,73 +416,26 @@ def _patch_compile_ssim() -> list[tuple[Any, str, Any]]:
 
 
 def _patch_compile_noise() -> list[tuple[Any, str, Any]]:
-    """``torch.compile`` the (B, C·H·W) part of ``score_error.gaussian_noise``.
+    """``torch.compile`` the per-pixel part of DiffPathV2's noise (:func:`diffpath.core.noise.lane_noise`).
 
     Compiling ``gaussian_noise`` itself does not work: its Python-int arguments (seed, t) are
-    specialised, so it recompiles for every timestep (10 compilations, past dynamo's limit), and
-    marking them dynamic crashes inductor's C++ codegen on the 64-bit seed mask. The proposed
-    change splits it: the per-image 64-bit lanes, (B,) tensors, are absorbed eagerly from (seed,
-    key, t); only the per-pixel hashing and Box–Muller of those lanes, a function of tensors alone,
-    is compiled (one static-shape graph for all timesteps). The same integer ops in the same order,
-    so the noise is bit-identical; checked against the original when the patch is applied.
+    specialised, so it would recompile for every timestep. Its per-pixel part is a function of
+    tensors alone: one static-shape graph for all timesteps, the same integer ops in the same
+    order, so the noise is bit-identical (checked when the patch is applied).
     """
-    from diffpath.methods import diffpathv2 as se
+    from diffpath.core import noise
 
-    needed = ("_absorb", "_mix32", "_split64", "_LANE_A", "_LANE_B", "_WORD_TWEAKS", "gaussian_noise")
-    missing = [n for n in needed if not hasattr(se, n)]
-    if missing:
-        raise SystemExit(f"compile_noise: diffpath.methods.diffpathv2 no longer has {missing}; update the patch")
-
-    def per_pixel(la: torch.Tensor, lb: torch.Tensor, n: int) -> torch.Tensor:
-        j = torch.arange(n, dtype=torch.int64, device=la.device).unsqueeze(0)
-        pa = se._absorb(la.unsqueeze(1), j)
-        pb = se._absorb(lb.unsqueeze(1), j)
-        w0, w1, w2 = (se._mix32(se._absorb(pa, tweak) ^ pb) for tweak in se._WORD_TWEAKS)
-        u1 = (((w0 << 21) | (w1 >> 11)).to(torch.float64) + 0.5) * 2.0**-53
-        u2 = (w2.to(torch.float64) + 0.5) * 2.0**-32
-        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-        return z.to(torch.float32)
-
-    per_pixel_c = torch.compile(per_pixel, dynamic=False)
-    orig = se.gaussian_noise
-
-    def gaussian_noise(keys: torch.Tensor, t: int, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
-        keys = torch.as_tensor(keys).to(torch.int64)
-        C, H, W = (int(v) for v in shape)
-        s_lo, s_hi = se._split64(seed)
-        k_lo, k_hi = se._split64(keys)
-        lanes = []
-        for init in (se._LANE_A, se._LANE_B):
-            h = torch.full_like(keys, init)
-            for word in (s_lo, s_hi, k_lo, k_hi, int(t)):
-                h = se._absorb(h, word)
-            lanes.append(h)
-        return per_pixel_c(lanes[0], lanes[1], C * H * W).reshape(keys.shape[0], C, H, W)
-
+    orig = noise.lane_noise
+    compiled = torch.compile(orig, dynamic=False)
     probe = torch.arange(3, dtype=torch.int64) * 7919 + 5
-    if not torch.equal(per_pixel(*_lanes_for_probe(se, probe, 17, 3), 48),
-                       orig(probe, 17, (3, 4, 4), 3).reshape(3, -1)):
-        raise SystemExit("compile_noise: the split noise differs from score_error.gaussian_noise; "
-                         "update the patch")
-    se.gaussian_noise = gaussian_noise
-    return [(se, "gaussian_noise", orig)]
-
-
-def _lanes_for_probe(se: Any, keys: torch.Tensor, t: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    s_lo, s_hi = se._split64(seed)
-    k_lo, k_hi = se._split64(keys)
-    lanes = []
-    for init in (se._LANE_A, se._LANE_B):
-        h = torch.full_like(keys, init)
-        for word in (s_lo, s_hi, k_lo, k_hi, t):
-            h = se._absorb(h, word)
-        lanes.append(h)
-    return lanes[0], lanes[1]
+    if not torch.equal(compiled(*noise.noise_lanes(probe, 17, 3), 48), orig(*noise.noise_lanes(probe, 17, 3), 48)):
+        raise SystemExit("compile_noise: the compiled noise differs from the eager one")
+    noise.lane_noise = compiled
+    return [(noise, "lane_noise", orig)]
 
 
 #: name → function applying the patch and returning how to undo it
 PATCHES: dict[str, Callable[[], list[tuple[Any, str, Any]]]] = {
-    "nosync": _patch_nosync,
     "compile_ssim": _patch_compile_ssim,
     "compile_noise": _patch_compile_noise,
 }
@@ -716,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true", default=None,
                    help="compile with mode='reduce-overhead' (CUDA graphs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--patches", default="nosync",
+    p.add_argument("--patches", default="compile_ssim",
                    help=f"for the fast_patched path, comma-separated from {', '.join(PATCHES)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the JSON lines to this .jsonl file")

@@ -16,7 +16,8 @@ import torch
 
 from diffpath.methods.diffpath import DIFFPATH_STAT_NAMES, diffpath_1d, diffpath_6d, diffpath_statistics
 from diffpath.models import load_model
-from diffpath.core.sampling import ddim_coefficients, diffpath_path
+from diffpath.core.sampling import ddim_coefficients
+from diffpath.methods.diffpath import diffpath_path
 
 
 def assert_stat_close(name, got, ref):
@@ -71,7 +72,7 @@ def test_statistics_match_reference(result, ref):
 
 def test_statistics_from_reference_eps_are_exact(ref):
     """Given the reference's own ε path, the moments → statistics step is exact (float64)."""
-    from diffpath.core.sampling import moments
+    from diffpath.core.moments import moments
 
     eps = torch.from_numpy(ref["eps"]).double()
     T = eps.shape[1]

@@ -10,7 +10,6 @@ from diffpath.data.anomalies import synthetic_anomalies
 from diffpath.data import to_model_input
 from diffpath.methods.localization import (
     CountingModel,
-    UNetFeatures,
     anomaly_maps,
     combine_maps,
     feature_distance_map,
@@ -18,13 +17,13 @@ from diffpath.methods.localization import (
     image_scores,
     localize,
     map_scales,
-    partial_ddim_coefficients,
-    partial_timesteps,
     pixel_distance_map,
     reconstruct,
     ssim_distance_map,
     to_image_grid,
 )
+from diffpath.core.sampling import partial_ddim_coefficients, partial_timesteps
+from diffpath.models.hooks import UNetFeatures
 from diffpath.scoring.metrics import (
     image_auroc,
     localization_metrics,
@@ -331,7 +330,7 @@ def test_auroc_conventions_and_per_class_rows():
 def test_latent_reconstruction_with_tiny_parts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from diffpath.methods.latent import ConditionalEps, LatentDiffusion, latent_reconstruct, schedule_from_scheduler_config
+    from diffpath.methods.latent import ConditionalEps, LatentDiffusion, latent_reconstruct
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
@@ -344,7 +343,7 @@ def test_latent_reconstruction_with_tiny_parts():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=8, norm_num_groups=4, attention_head_dim=4,
     ).eval()
-    sched = schedule_from_scheduler_config(
+    sched = NoiseSchedule.from_diffusers_config(
         {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     )
     assert sched.betas[0] == pytest.approx(0.00085) and sched.betas[-1] == pytest.approx(0.012)

@@ -14,12 +14,11 @@ from diffpath.methods.diffpathv2 import (
     ScoreErrorConfig,
     diffpathv2_1d,
     diffpathv2_features,
-    gaussian_noise,
-    image_keys,
     score_error_path,
 )
+from diffpath.core.noise import gaussian_noise, image_keys
 from diffpath.core.ssim import ssim_map
-from diffpath.core.sampling import moments
+from diffpath.core.moments import moments
 
 torch.set_num_threads(1)
 

@@ -8,19 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from diffpath.core.sampling import ddim_sample
+from diffpath.study.base_model import denoising_loss_per_timestep, image_grid, untrained_like
 from diffpath.study.train import (
     TrainConfig,
     UNetConfig,
     build_unet,
-    ddim_sample,
-    denoising_loss_per_timestep,
     ema_decay_at,
-    image_grid,
     lr_at,
     save_pipeline,
     train,
     train_schedule,
-    untrained_like,
 )
 
 TINY = UNetConfig(

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffpath.methods.diffpath import diffpath_statistics, order_norm_sums
+from diffpath.core.moments import MOMENTS, moments, order_norm_sums
+from diffpath.methods.diffpath import diffpath_path, diffpath_statistics
 from diffpath.core.schedule import NoiseSchedule
-from diffpath.core.sampling import MOMENTS, ddim_coefficients, ddim_denoise, ddim_invert, diffpath_path, moments
+from diffpath.core.sampling import ddim_coefficients, ddim_denoise, ddim_invert
 
 
 def zero_model(x, t):

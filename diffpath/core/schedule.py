@@ -15,7 +15,9 @@ Conventions
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +112,29 @@ class NoiseSchedule:
 
     @classmethod
     def named(cls, name: str, num_timesteps: int) -> NoiseSchedule:
+        """improved-diffusion's named schedules (``noise_schedule`` over ``diffusion_steps``)."""
         return cls(betas_for(name, num_timesteps), name=name.lower())
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: Mapping[str, Any]) -> NoiseSchedule:
+        """The training schedule of a diffusers scheduler config (``scheduler_config.json``).
+
+        ``beta_schedule``: ``"linear"`` (``linspace(beta_start, beta_end, T)``: diffusers does not
+        rescale by 1000/T as improved-diffusion does), ``"scaled_linear"`` (Stable Diffusion's:
+        β on a square-root grid) or ``"squaredcos_cap_v2"`` (the cosine schedule). Missing keys take
+        diffusers' defaults (T = 1000, β from 1e-4 to 0.02, linear).
+        """
+        T = int(cfg.get("num_train_timesteps", 1000))
+        kind = str(cfg.get("beta_schedule", "linear"))
+        start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+        if kind == "linear":
+            return cls(np.linspace(start, end, T, dtype=np.float64), name="linear")
+        if kind == "scaled_linear":
+            return cls(np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2, name="scaled_linear")
+        if kind == "squaredcos_cap_v2":
+            return cls.named("cosine", T)
+        raise ValueError(f"unsupported diffusers beta_schedule {kind!r} "
+                         "(expected linear, scaled_linear or squaredcos_cap_v2)")
 
     @property
     def num_timesteps(self) -> int:

@@ -45,7 +45,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_window", "symmetric_pad_index", "ssim_map"]
+__all__ = ["gaussian_window", "symmetric_pad_index", "gaussian_filter", "ssim_map"]
 
 
 def gaussian_window(
@@ -91,6 +91,21 @@ def symmetric_pad_index(n: int, pad: int, device: torch.device | str | None = No
     return torch.where(m >= n, 2 * n - 1 - m, m)
 
 
+def gaussian_filter(x: torch.Tensor, sigma: float, radius: int) -> torch.Tensor:
+    """Separable Gaussian filter of (B, C, H, W) maps, channel by channel, same size out.
+
+    The window has ``2·radius + 1`` taps (:func:`gaussian_window`); borders are extended
+    symmetrically, the edge pixel repeated (scipy's ``mode="reflect"``). Rows are filtered
+    first, then columns, in ``x``'s dtype and on its device.
+    """
+    B, C, H, W = x.shape
+    g, idx_h, idx_w = _filter_setup(2 * int(radius) + 1, float(sigma), x.dtype, x.device, H, W)
+    x = x.index_select(2, idx_h)
+    x = x.index_select(3, idx_w)
+    x = F.conv2d(x, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    return F.conv2d(x, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+
+
 def _compute_dtype(x: torch.Tensor, y: torch.Tensor) -> torch.dtype:
     if x.dtype == torch.float64 or y.dtype == torch.float64:
         return torch.float64
@@ -131,17 +146,11 @@ def ssim_map(
     dev = x.device
     x = x.to(device=dev, dtype=dtype)
     y = y.to(device=dev, dtype=dtype)
-    B, C, H, W = x.shape
-    r = window_size // 2
-    g, idx_h, idx_w = _filter_setup(window_size, float(sigma), dtype, dev, H, W)
-
+    if window_size < 1 or window_size % 2 != 1:
+        raise ValueError(f"window_size must be a positive odd integer, got {window_size}")
+    C = x.shape[1]
     # the five local statistics are filtered in one depthwise pass: (B, 5C, H, W)
-    stats = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    stats = stats.index_select(2, idx_h)
-    stats = stats.index_select(3, idx_w)
-    groups = 5 * C
-    stats = F.conv2d(stats, g.view(1, 1, -1, 1).expand(groups, 1, -1, 1), groups=groups)
-    stats = F.conv2d(stats, g.view(1, 1, 1, -1).expand(groups, 1, 1, -1), groups=groups)
+    stats = gaussian_filter(torch.cat([x, y, x * x, y * y, x * y], dim=1), sigma, window_size // 2)
     mx, my, mxx, myy, mxy = stats.split(C, dim=1)
 
     vx = mxx - mx * mx

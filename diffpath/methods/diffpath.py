@@ -1,13 +1,11 @@
-"""Features from per-step moments.
+"""DiffPath (Heng et al., NeurIPS 2024): the DDIM inversion path of an image, and its features.
 
-Every feature of the study is a function of the per-image, per-step moments that
-:mod:`diffpath.core.sampling` reduces on the device (see :data:`diffpath.core.sampling.MOMENTS`), so that
-the expensive model passes are cached once and every variant is computed from the cache.
+The pass (:func:`diffpath_path`) DDIM-inverts x0 along the respaced timesteps and reduces ε at every
+step, and its rate of change Δε = diff(ε)·T, to per-image moments on the device
+(:mod:`diffpath.core.moments`); every feature below is then a function of those cached moments.
 
-DiffPath (Heng et al., 2024)
-----------------------------
-Statistics are sums over *all* steps, pixels and channels of the ε path and of its rate of change
-Δε = diff(ε)·T; DiffPath saves twelve of them under these names:
+Statistics are sums over *all* steps, pixels and channels of the ε path and of Δε; DiffPath saves
+twelve of them under these names:
 
 ``eps_sum`` Σε, ``eps_sum_abs`` Σ|ε|, ``eps_sum_sq`` Σε², ``eps_sum_sq_sqrt`` √Σε²,
 ``eps_sum_cb`` Σε³, ``eps_sum_cb_cbrt`` ∛Σε³, and the same six of Δε as ``deps_dt``,
@@ -17,21 +15,27 @@ The 6-D feature stacks (eps_sum, eps_sum_sq, eps_sum_cb, deps_dt, deps_dt_sq, de
 feature is the path's curvature ``deps_dt_sq_sqrt`` = √Σ‖Δε‖².
 """
 
+
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
+from typing import Any
 
-from diffpath.core.sampling import MOMENTS
+import numpy as np
+import torch
+
+from diffpath.core.moments import MOMENTS, as_moments, moment, moments
+from diffpath.core.sampling import DDIMCoefficients, StepCallback, ddim_invert
+from diffpath.models import EpsFn
 
 __all__ = [
     "DIFFPATH_STAT_NAMES",
     "diffpath_statistics",
     "diffpath_6d",
     "diffpath_1d",
-    "order_norm_sums",
+    "DiffPathResult",
+    "diffpath_path",
 ]
-
-_IDX = {name: i for i, name in enumerate(MOMENTS)}
 
 DIFFPATH_STAT_NAMES: tuple[str, ...] = (
     "eps_sum",
@@ -49,18 +53,9 @@ DIFFPATH_STAT_NAMES: tuple[str, ...] = (
 )
 
 
-def _as_np(m) -> np.ndarray:
-    if hasattr(m, "detach"):
-        m = m.detach().cpu().numpy()
-    m = np.asarray(m, dtype=np.float64)
-    if m.ndim != 3 or m.shape[-1] != len(MOMENTS):
-        raise ValueError(f"moments must have shape (B, T, {len(MOMENTS)}), got {m.shape}")
-    return m
-
-
 def _six(m: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
-    total = m.sum(axis=1)  # over steps
-    s1, a1, s2, s3 = (total[:, _IDX[k]] for k in ("sum", "abs", "sq", "cb"))
+    total = m.sum(axis=1)  # over steps: (B, 5)
+    s1, a1, s2, s3 = (moment(total, k) for k in ("sum", "abs", "sq", "cb"))
     return {
         f"{prefix}": s1,
         f"{prefix}_abs": a1,
@@ -73,8 +68,8 @@ def _six(m: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
 
 def diffpath_statistics(eps_moments, deps_moments) -> dict[str, np.ndarray]:
     """The twelve DiffPath statistics, each (B,) float64, from (B, T, 5) and (B, T−1, 5) moments."""
-    eps = _six(_as_np(eps_moments), "eps_sum")
-    deps = _six(_as_np(deps_moments), "deps_dt")
+    eps = _six(as_moments(eps_moments), "eps_sum")
+    deps = _six(as_moments(deps_moments), "deps_dt")
     return {**eps, **deps}
 
 
@@ -89,23 +84,66 @@ def diffpath_1d(stats: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(stats["deps_dt_sq_sqrt"], dtype=np.float64)
 
 
-def order_norm_sums(m, kind: str = "norm") -> np.ndarray:
-    """Sums over steps of the 1st-, 2nd- and 3rd-order sizes of a per-pixel quantity.
+@dataclass
+class DiffPathResult:
+    """What one DiffPath pass over a batch gives.
 
-    Args:
-        m: (B, T, 5) moments of the quantity at each step.
-        kind: ``"norm"``: Σ_t ‖q_t‖₁, Σ_t ‖q_t‖₂, Σ_t ‖q_t‖₃ (vector p-norms over pixels);
-            ``"power"``: Σ_t Σ|q_t|, Σ_t Σq_t², Σ_t Σ|q_t|³ (absolute power sums, DiffPath-style).
-
-    Returns:
-        (B, 3) float64.
+    Attributes:
+        eps_moments: (B, T, 5) float64, :func:`moments` of ε at each inversion step.
+        deps_moments: (B, T−1, 5) float64, moments of Δε_i = (ε_{i+1} − ε_i)·T.
+        xT: (B, C, H, W) the inverted latent.
+        eps: (B, T, C, H, W) the ε path, only with ``keep_maps``.
+        xt: (B, T, C, H, W) x after each step, only with ``keep_maps``.
     """
-    m = _as_np(m)
-    a1, s2, a3 = m[..., _IDX["abs"]], m[..., _IDX["sq"]], m[..., _IDX["abs_cb"]]
-    if kind == "norm":
-        parts = (a1, np.sqrt(s2), np.cbrt(a3))
-    elif kind == "power":
-        parts = (a1, s2, a3)
-    else:
-        raise ValueError(f"kind must be 'norm' or 'power', got {kind!r}")
-    return np.stack([p.sum(axis=1) for p in parts], axis=1)
+
+    eps_moments: torch.Tensor
+    deps_moments: torch.Tensor
+    xT: torch.Tensor
+    eps: torch.Tensor | None = None
+    xt: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def diffpath_path(
+    model: EpsFn,
+    x0: torch.Tensor,
+    coeffs: DDIMCoefficients,
+    *,
+    clip_denoised: bool = True,
+    keep_maps: bool = False,
+    callback: StepCallback | None = None,
+) -> DiffPathResult:
+    """DiffPath: DDIM-invert x0 and reduce the ε path to per-step moments on the device.
+
+    The rate of change is Δε_i = (ε_{i+1} − ε_i)·T with T the number of steps (DiffPath's
+    ``diff(ε)·T``).
+    """
+    T = len(coeffs.timesteps)
+    eps_m: list[torch.Tensor] = []
+    deps_m: list[torch.Tensor] = []
+    eps_maps: list[torch.Tensor] = []
+    xt_maps: list[torch.Tensor] = []
+    prev: list[torch.Tensor | None] = [None]
+
+    def record(step: dict[str, Any]) -> None:
+        eps = step["eps"]
+        eps_m.append(moments(eps))
+        if prev[0] is not None:
+            deps_m.append(moments((eps - prev[0]) * T))
+        prev[0] = eps
+        if keep_maps:
+            eps_maps.append(eps.cpu())
+            xt_maps.append(step["x_next"].cpu())
+        if callback is not None:
+            callback(step)
+
+    xT = ddim_invert(model, x0, coeffs, clip_denoised=clip_denoised, callback=record)
+    B = x0.shape[0]
+    empty = torch.zeros(B, 0, len(MOMENTS), dtype=torch.float64, device=x0.device)
+    return DiffPathResult(
+        eps_moments=torch.stack(eps_m, 1),
+        deps_moments=torch.stack(deps_m, 1) if deps_m else empty,
+        xT=xT,
+        eps=torch.stack(eps_maps, 1) if keep_maps else None,
+        xt=torch.stack(xt_maps, 1) if keep_maps else None,
+    )

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,25 +38,9 @@ __all__ = [
     "LatentDiffusion",
     "LatentReconstruction",
     "latent_reconstruct",
-    "schedule_from_scheduler_config",
 ]
 
 PROMPT_TEMPLATE = "an image of a {}"
-
-
-def schedule_from_scheduler_config(cfg: dict[str, Any]) -> NoiseSchedule:
-    """The training schedule of a diffusers scheduler config (``linear``, ``scaled_linear`` — the
-    Stable Diffusion one, β on a square-root grid — or ``squaredcos_cap_v2``)."""
-    T = int(cfg.get("num_train_timesteps", 1000))
-    kind = cfg.get("beta_schedule", "linear")
-    start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-    if kind == "linear":
-        return NoiseSchedule(np.linspace(start, end, T, dtype=np.float64), name="linear")
-    if kind == "scaled_linear":
-        return NoiseSchedule(np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2, name="scaled_linear")
-    if kind == "squaredcos_cap_v2":
-        return NoiseSchedule.named("cosine", T)
-    raise ValueError(f"unsupported beta_schedule {kind!r}")
 
 
 class ConditionalEps:
@@ -142,7 +125,7 @@ class LatentDiffusion:
         return cls(
             vae=pipe.vae.eval(),
             unet=pipe.unet.eval(),
-            schedule=schedule_from_scheduler_config(dict(pipe.scheduler.config)),
+            schedule=NoiseSchedule.from_diffusers_config(dict(pipe.scheduler.config)),
             scaling_factor=float(getattr(pipe.vae.config, "scaling_factor", 0.18215)),
             tokenizer=pipe.tokenizer,
             text_encoder=pipe.text_encoder.eval(),

@@ -74,20 +74,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from diffpath.models import EpsFn
+from diffpath.core.sampling import StepCallback, ddim_denoise, ddim_invert, partial_ddim_coefficients
 from diffpath.core.schedule import alphas_cumprod_of
-from diffpath.core.sampling import DDIMCoefficients, StepCallback, ddim_denoise, ddim_invert
+from diffpath.core.ssim import gaussian_filter, ssim_map
+from diffpath.models import EpsFn
+from diffpath.models.hooks import UNetFeatures
 
 __all__ = [
     "METHODS",
-    "partial_timesteps",
-    "partial_ddim_coefficients",
     "CountingModel",
     "Reconstruction",
     "reconstruct",
-    "UNetFeatures",
     "pixel_distance_map",
     "ssim_distance_map",
     "feature_distance_map",
@@ -108,61 +106,6 @@ METHODS: tuple[str, ...] = ("pixel", "ssim", "feature", "combined")
 
 # ----------------------------------------------------------------------------------------------
 # reconstruction
-
-
-def partial_timesteps(t0: int, steps: int) -> list[int]:
-    """The ``steps`` kept timesteps of a partial inversion to ``t0``: round(j·t0/steps), j < steps.
-
-    Strictly increasing, starting at 0; the inversion's last step lands on ᾱ_{t0}.
-    """
-    t0, steps = int(t0), int(steps)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if t0 < steps:
-        raise ValueError(f"t0 must be >= steps (one distinct timestep per step), got t0={t0}, steps={steps}")
-    return [int(round(j * t0 / steps)) for j in range(steps)]
-
-
-def partial_ddim_coefficients(
-    alphas_cumprod: np.ndarray, t0: int, steps: int
-) -> tuple[DDIMCoefficients, DDIMCoefficients]:
-    """DDIM coefficients to invert from clean to ``t0`` and to denoise from ``t0`` back to clean.
-
-    With s_j = :func:`partial_timesteps` and s_steps := t0:
-
-    * ``invert``: timesteps s_0 … s_{steps−1}, ``alpha_bar_next[j]`` = ᾱ_{s_{j+1}} (the last one
-      ᾱ_{t0}); use with :func:`diffpath.core.sampling.ddim_invert`, which then returns x_{t0}.
-    * ``denoise``: timesteps s_1 … s_steps (= t0), ``alpha_bar_prev[j]`` = ᾱ_{s_j} for j ≥ 1 and 1
-      for the first (the final step returns x̂0); use with
-      :func:`diffpath.core.sampling.ddim_denoise` starting from x_{t0}.
-
-    Args:
-        alphas_cumprod: (T,) float64 ᾱ of the model's training schedule.
-        t0: the intermediate timestep, ``steps <= t0 <= T − 1``.
-        steps: number of DDIM steps in each direction.
-
-    Returns:
-        ``(invert, denoise)``.
-    """
-    ac = np.asarray(alphas_cumprod, dtype=np.float64)
-    if not 0 < int(t0) < len(ac):
-        raise ValueError(f"t0 must lie in [1, {len(ac) - 1}], got {t0}")
-    s = partial_timesteps(t0, steps)
-    grid = s + [int(t0)]  # s_0 … s_steps
-    ab = ac[grid]
-    invert = DDIMCoefficients(
-        timesteps=tuple(grid[:-1]),
-        alpha_bar=ab[:-1].copy(),
-        alpha_bar_next=ab[1:].copy(),
-        alpha_bar_prev=np.r_[1.0, ab[:-2]],
-    )
-    denoise = DDIMCoefficients(
-        timesteps=tuple(grid[1:]),
-        alpha_bar=ab[1:].copy(),
-        alpha_bar_next=np.r_[ab[2:], 0.0],
-        alpha_bar_prev=np.r_[1.0, ab[1:-1]],
-    )
-    return invert, denoise
 
 
 class CountingModel:
@@ -248,103 +191,6 @@ def reconstruct(
 
 
 # ----------------------------------------------------------------------------------------------
-# features of the diffusion UNet itself
-
-
-def _output_tensor(out: Any) -> torch.Tensor:
-    """A block's output tensor: diffusers' down blocks return ``(hidden, residuals)``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    sample = getattr(out, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    raise TypeError(f"cannot take a feature tensor from a block output of type {type(out).__name__}")
-
-
-def _block_modules(net: nn.Module) -> dict[str, nn.Module]:
-    """Named encoder/decoder blocks of a supported UNet: diffusers ``UNet2DModel`` (reached as
-    ``net.unet`` through the adapter, or directly) → ``down_blocks.i`` / ``up_blocks.i``;
-    improved-diffusion → ``input_blocks.i`` / ``output_blocks.i``."""
-    unet = getattr(net, "unet", net)
-    found: dict[str, nn.Module] = {}
-    for enc, dec in (("down_blocks", "up_blocks"), ("input_blocks", "output_blocks")):
-        if hasattr(unet, enc) and hasattr(unet, dec):
-            for kind in (enc, dec):
-                for i, blk in enumerate(getattr(unet, kind)):
-                    found[f"{kind}.{i}"] = blk
-            return found
-    raise ValueError(
-        f"{type(unet).__name__}: no down_blocks/up_blocks (diffusers) or input_blocks/output_blocks "
-        "(improved-diffusion) to take features from"
-    )
-
-
-class UNetFeatures:
-    """Intermediate activations of an ε-model's UNet, through forward hooks.
-
-    ``layers`` names blocks as ``"up_blocks.0"`` (diffusers) or ``"output_blocks.5"``
-    (improved-diffusion). ``None`` picks, from one probe pass at the model's image size, the first
-    *decoder* block that reaches each output resolution, and keeps ``n_resolutions`` (2) of them:
-    the highest resolutions strictly below the input's first, then the input's own. So a 4-level
-    32 px UNet gives its 16 and 8 px decoder features, a 3-level one (32 → 16 → 8) its 16 px and
-    first 32 px decoder features (never the final block right before the output convolution
-    unless nothing else is there).
-
-    Calling ``feats(x, t)`` runs the model once and returns ``{name: (B, C_l, h_l, w_l)}``.
-    """
-
-    def __init__(self, model: Any, layers: Sequence[str] | None = None, *, n_resolutions: int = 2):
-        net = getattr(model, "net", model)
-        self.model = model
-        self.blocks = _block_modules(net)
-        if layers is not None:
-            missing = [name for name in layers if name not in self.blocks]
-            if missing:
-                raise ValueError(f"unknown layers {missing}; available: {list(self.blocks)}")
-            self.layers = list(layers)
-        else:
-            self.layers = self._default_layers(n_resolutions)
-
-    def _probe(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        size = int(getattr(self.model, "image_size", 32))
-        ch = int(getattr(self.model, "channels", 3))
-        dev = getattr(self.model, "device", torch.device("cpu"))
-        x = torch.zeros(1, ch, size, size, device=dev)
-        return self._run(x, torch.zeros(1, dtype=torch.long, device=dev), names)
-
-    def _default_layers(self, n_resolutions: int) -> list[str]:
-        dec = [n for n in self.blocks if n.startswith(("up_blocks", "output_blocks"))]
-        size = int(getattr(self.model, "image_size", 32))
-        shapes = {n: f.shape[-1] for n, f in self._probe(dec).items()}
-        first: dict[int, str] = {}
-        for name in dec:  # decoder order: lowest resolution first
-            first.setdefault(shapes[name], name)
-        below = sorted((r for r in first if r < size), reverse=True)
-        rest = sorted((r for r in first if r >= size))
-        return [first[r] for r in (below + rest)[:n_resolutions]]
-
-    def _run(self, x: torch.Tensor, t: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        store: dict[str, torch.Tensor] = {}
-        handles = []
-        for name in names:
-            def hook(_m, _inp, out, name=name):
-                store[name] = _output_tensor(out).float()
-            handles.append(self.blocks[name].register_forward_hook(hook))
-        try:
-            self.model(x, t)
-        finally:
-            for h in handles:
-                h.remove()
-        return {n: store[n] for n in names}
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self._run(x, t, self.layers)
-
-
-# ----------------------------------------------------------------------------------------------
 # maps
 
 
@@ -359,15 +205,7 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     ``sigma <= 0`` returns the maps unchanged."""
     if sigma <= 0:
         return maps
-    from diffpath.core.ssim import gaussian_window, symmetric_pad_index
-
-    r = max(1, int(math.ceil(4.0 * sigma)))
-    g = gaussian_window(2 * r + 1, sigma, dtype=maps.dtype, device=maps.device)
-    B, C, H, W = maps.shape
-    x = maps.index_select(2, symmetric_pad_index(H, r, maps.device))
-    x = x.index_select(3, symmetric_pad_index(W, r, maps.device))
-    x = F.conv2d(x, g.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-    return F.conv2d(x, g.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return gaussian_filter(maps, sigma, max(1, int(math.ceil(4.0 * sigma))))
 
 
 def pixel_distance_map(x: torch.Tensor, x_hat: torch.Tensor, power: int = 1) -> torch.Tensor:
@@ -382,8 +220,6 @@ def ssim_distance_map(
     x: torch.Tensor, x_hat: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5
 ) -> torch.Tensor:
     """1 − SSIM averaged over channels, (B, 1, H, W) in [0, 2] (images in [-1, 1])."""
-    from diffpath.core.ssim import ssim_map
-
     s = ssim_map(x.float(), x_hat.float(), window_size=window_size, sigma=sigma, data_range=2.0)
     return (1.0 - s).mean(1, keepdim=True).clamp(0.0, 2.0)  # float error can put SSIM a hair above 1
 

@@ -38,6 +38,11 @@ __all__ = [
 ]
 
 
+#: What a diffusers model may predict (its scheduler config's ``prediction_type``); ε is computed
+#: from each (:meth:`EpsModel._to_eps`). Anything else is refused when the model is loaded.
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+
+
 class ModelLoadError(ValueError):
     """A model spec that cannot be loaded (missing file, mismatched keys, bad settings)."""
 
@@ -107,6 +112,9 @@ class EpsModel:
             ``rescale_timesteps``; 1 otherwise).
         kind: ``"diffusers"`` or ``"improved-diffusion"``.
         spec: where it was loaded from.
+        prediction_type: what ``output[:, :channels]`` is: ``"epsilon"`` (ε), ``"v_prediction"``
+            (v = √ᾱ·ε − √(1−ᾱ)·x0) or ``"sample"`` (x̂0); the last two are converted to ε in
+            float64 with the model's own ᾱ_t (see :data:`PREDICTION_TYPES`).
     """
 
     net: nn.Module
@@ -118,6 +126,7 @@ class EpsModel:
     spec: str = ""
     settings: dict[str, Any] = field(default_factory=dict)
     options: RunOptions = field(default_factory=RunOptions)
+    prediction_type: str = "epsilon"
     _runner: nn.Module | None = field(default=None, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
 
@@ -141,6 +150,8 @@ class EpsModel:
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         h.update(self.schedule.betas.tobytes())
         h.update(repr((self.timestep_scale, self.channels, self.image_size)).encode())
+        if self.prediction_type != "epsilon":  # same weights, other meaning (ε models: unchanged)
+            h.update(self.prediction_type.encode())
         self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
@@ -193,7 +204,23 @@ class EpsModel:
                 out = runner(x, t_net)
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
-        return out[:, : self.channels].float().contiguous()
+        pred = out[:, : self.channels]
+        if self.prediction_type == "epsilon":
+            return pred.float().contiguous()
+        return self._to_eps(pred, x, t).float().contiguous()
+
+    def _to_eps(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε from a v or x̂0 prediction ``pred`` (B, C, H, W) at x_t ``x`` (B, C, H, W), timesteps
+        ``t`` (B,), in float64 with the model's own ᾱ_t:
+        v: ε = √ᾱ·v + √(1−ᾱ)·x_t;  x̂0: ε = (x_t − √ᾱ·x̂0) / √(1−ᾱ)."""
+        ac_all = torch.from_numpy(self.schedule.alphas_cumprod)  # (T,) float64
+        ac = ac_all[t.detach().cpu().long()].to(x.device).view(-1, 1, 1, 1)
+        p, xt = pred.double(), x.double()
+        if self.prediction_type == "v_prediction":
+            return ac.sqrt() * p + (1.0 - ac).sqrt() * xt
+        if self.prediction_type == "sample":
+            return (xt - ac.sqrt() * p) / (1.0 - ac).sqrt()
+        raise ModelLoadError(f"prediction_type {self.prediction_type!r} cannot be converted to ε")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,22 +228,10 @@ class EpsModel:
 
 
 def _schedule_from_diffusers_config(cfg: dict[str, Any]) -> NoiseSchedule:
-    T = int(cfg.get("num_train_timesteps", 1000))
-    kind = cfg.get("beta_schedule", "linear")
-    if kind == "linear":
-        start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-        import numpy as np
-
-        return NoiseSchedule(np.linspace(start, end, T, dtype=np.float64), name="linear")
-    if kind == "squaredcos_cap_v2":
-        return NoiseSchedule.named("cosine", T)
-    if kind == "scaled_linear":
-        import numpy as np
-
-        start, end = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
-        b = np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
-        return NoiseSchedule(b, name="scaled_linear")
-    raise ModelLoadError(f"unsupported diffusers beta_schedule {kind!r}")
+    try:
+        return NoiseSchedule.from_diffusers_config(cfg)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 def _load_diffusers_folder(folder: Path) -> EpsModel:
@@ -237,6 +252,12 @@ def _load_diffusers_folder(folder: Path) -> EpsModel:
     except Exception as exc:  # diffusers raises a zoo of exception types
         raise ModelLoadError(f"{unet_dir}: cannot load UNet2DModel: {exc}") from exc
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    prediction_type = str(sched_cfg.get("prediction_type", "epsilon"))
+    if prediction_type not in PREDICTION_TYPES:
+        raise ModelLoadError(
+            f"{sched_file}: prediction_type {prediction_type!r} is not supported; diffpath needs "
+            f"the model's noise ε and can convert only {', '.join(PREDICTION_TYPES)}"
+        )
     schedule = _schedule_from_diffusers_config(sched_cfg)
     cfg = dict(unet.config)
     return EpsModel(
@@ -248,6 +269,7 @@ def _load_diffusers_folder(folder: Path) -> EpsModel:
         kind="diffusers",
         spec=str(folder),
         settings={"unet": cfg, "scheduler": sched_cfg},
+        prediction_type=prediction_type,
     )
 
 

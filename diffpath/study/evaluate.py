@@ -14,16 +14,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from diffpath.io import atomic_path, save_npz_atomic
 from diffpath.study.cache import load_cache
+from diffpath.study.layout import Layout
 from diffpath.methods.registry import get_method
 from diffpath.scoring.metrics import detection_metrics
 from diffpath.scoring.scorers import make_scorer
 
 __all__ = [
     "RESULT_COLUMNS",
-    "errors_path",
-    "scorer_path",
-    "scores_path",
+    "save_scorer",
+    "load_scorer",
+    "save_scores",
+    "load_scores",
+    "load_test_caches",
     "fit_method_scorer",
     "score_caches",
     "evaluate_pairs",
@@ -31,19 +35,39 @@ __all__ = [
 ]
 
 RESULT_COLUMNS = ["method", "in_dist", "ood", "auroc", "fpr95", "aupr"]
+_SEP = "__"  # method and data set names never contain it
 
 
-def errors_path(root: str | Path, dataset: str, split: str) -> Path:
-    """Where the errors stage caches a (data set, split)."""
-    return Path(root) / "data" / "errors" / dataset / f"{split}.npz"
+def save_scorer(path: str | Path, scorer: Any) -> Path:
+    """Write a fitted scorer beside ``path`` (the layout's stem) atomically; returns the file."""
+    import joblib
+
+    target = Path(path).with_suffix(".joblib")
+    with atomic_path(target) as tmp:
+        joblib.dump(scorer, tmp)
+    return target
 
 
-def scorer_path(root: str | Path, in_dist: str, method: str) -> Path:
-    return Path(root) / "data" / "scorers" / in_dist / f"{method}.joblib"
+def load_scorer(path: str | Path) -> Any:
+    """Read a scorer written by :func:`save_scorer` (files the study wrote itself)."""
+    import joblib
+
+    return joblib.load(Path(path).with_suffix(".joblib"))
 
 
-def scores_path(root: str | Path, in_dist: str) -> Path:
-    return Path(root) / "data" / "scores" / f"{in_dist}.npz"
+def save_scores(path: str | Path, scores: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Write ``scores[method][dataset]`` → (N,) test scores to one ``.npz``, atomically."""
+    save_npz_atomic(path, {f"{m}{_SEP}{d}": s for m, by in scores.items() for d, s in by.items()})
+
+
+def load_scores(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """Read :func:`save_scores`' file back as ``{method: {dataset: (N,)}}``."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path, allow_pickle=False) as z:
+        for key in z.files:
+            method, dataset = key.split(_SEP)
+            out.setdefault(method, {})[dataset] = z[key]
+    return out
 
 
 def fit_method_scorer(
@@ -107,5 +131,6 @@ def metrics_tree(results: pd.DataFrame) -> dict[str, Any]:
     return tree
 
 
-def load_test_caches(root: str | Path, datasets: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
-    return {d: load_cache(errors_path(root, d, "test")) for d in datasets}
+def load_test_caches(layout: Layout, datasets: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """The test-split error caches of ``datasets``: ``{name: cache}``."""
+    return {d: load_cache(layout.errors(d, "test")) for d in datasets}

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from diffpath.study.layout import Layout
+
 __all__ = ["Stage", "STAGES", "stage_parameters", "run_stage", "render_html", "load_params", "main"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,47 +35,81 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage: its notebook, the params it reads, and its foreach parameter.
+    """A stage: its notebook, the params it reads, its foreach list, and what it reads and writes.
 
     ``params`` entries are dotted keys of ``params.yaml``, mapped to notebook parameters:
 
     * ``"section.*"``: every key of ``section`` becomes a notebook parameter of the same name;
     * ``"a.b as name"``: the value of ``a.b`` becomes the parameter ``name``;
     * ``"a.b"``: the value becomes the parameter ``b``.
+
+    ``deps``, ``outs``, ``results`` (outputs committed to git), ``metrics`` and ``plots`` are
+    paths from :class:`~diffpath.study.layout.Layout` (``${item}`` stands for the foreach item,
+    ``${a.b}`` for a params value, as in ``dvc.yaml``). The package modules a stage runs are not
+    listed here: :mod:`diffpath.study.pipeline` finds them from the notebook's imports.
     """
 
     notebook: str
     params: tuple[str, ...]
     item: str | None = None  # the name of the foreach parameter, if any
+    foreach: str | None = None  # the params key that lists the items
+    deps: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()
+    results: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str | tuple[str, dict[str, Any]], ...] = ()
+    html: bool = False
+    frozen: bool = False
 
     def dvc_params(self) -> list[str]:
         """The keys ``dvc.yaml`` declares for this stage."""
         return [p.split(" as ")[0].removesuffix(".*") for p in self.params]
 
     def executed_path(self, item: str | None = None) -> str:
-        stem = Path(self.notebook).stem
-        return f"reports/notebooks/{stem}{'_' + item if item else ''}.ipynb"
+        return str(_L.executed_notebook(self.notebook, item))
 
 
+_L = Layout()
+_I = "${item}"
 _MODEL = ("model.spec as model_dir", "model.device as device")
 _RUN = ("model.precision", "model.channels_last", "model.compile", "model.cuda_graphs")
+_BASE = _L.base_model_dir()
 
 STAGES: dict[str, Stage] = {
-    "base_model": Stage("notebooks/00_base_model.ipynb", ("base_model.*",)),
-    "base_model_eval": Stage("notebooks/01_base_model_eval.ipynb", (*_MODEL, "base_model_eval.*")),
-    "data": Stage("notebooks/10_data.ipynb", ("data.*",), item="dataset"),
+    "base_model": Stage(
+        "notebooks/00_base_model.ipynb", ("base_model.*",), frozen=True, results=("${base_model.out_dir}",)),
+    "base_model_eval": Stage(
+        "notebooks/01_base_model_eval.ipynb", (*_MODEL, "base_model_eval.*"), deps=("${model.spec}",),
+        plots=(str(_BASE / "loss_per_timestep.png"), str(_BASE / "samples.png"),
+               (str(_BASE / "loss_per_timestep.csv"), {"cache": False, "x": "timestep", "y": "loss_trained"})),
+        metrics=(str(_BASE / "metrics.json"),)),
+    "data": Stage(
+        "notebooks/10_data.ipynb", ("data.*",), item="dataset", foreach="data.datasets",
+        outs=(str(_L.prepared_dir(_I)),)),
     "errors": Stage(
-        "notebooks/20_errors.ipynb",
-        (*_MODEL, *_RUN, "data.in_dist", "errors.*"),
-        item="dataset",
-    ),
-    "localization": Stage("notebooks/30_localization.ipynb", (*_MODEL, "localization.*")),
-    "scorers": Stage("notebooks/40_scorers.ipynb", ("data.in_dist", "methods", "scorers.*")),
-    "evaluate": Stage("notebooks/50_evaluate.ipynb", ("data.in_dist", "data.datasets", "methods")),
-    "report": Stage("notebooks/60_report.ipynb", ("data.in_dist", "data.datasets", "methods", "report.*")),
+        "notebooks/20_errors.ipynb", (*_MODEL, *_RUN, "data.in_dist", "errors.*"), item="dataset",
+        foreach="data.datasets", deps=(str(_L.prepared_dir(_I)), "${model.spec}"), outs=(str(_L.errors_dir(_I)),)),
+    "scorers": Stage(
+        "notebooks/40_scorers.ipynb", ("data.in_dist", "methods", "scorers.*"),
+        deps=(str(_L.errors_dir("")).rstrip("/"),), outs=(str(_L.scorers_dir()),)),
+    "evaluate": Stage(
+        "notebooks/50_evaluate.ipynb", ("data.in_dist", "data.datasets", "methods"),
+        deps=(str(_L.errors_dir("")).rstrip("/"), str(_L.scorers_dir())), outs=(str(_L.scores_dir()),),
+        results=(str(_L.results_csv()),), metrics=(str(_L.metrics_json()),)),
+    "report": Stage(
+        "notebooks/60_report.ipynb", ("data.in_dist", "data.datasets", "methods", "report.*"),
+        deps=(str(_L.results_csv()), str(_L.scores_dir())), outs=(str(_L.html("report")),),
+        results=(str(_L.tables_dir()),), plots=(str(_L.figures_dir("report")),), html=True),
     "walkthrough": Stage(
-        "notebooks/70_walkthrough.ipynb", (*_MODEL, "errors.steps", "errors.seed", "walkthrough.*")
-    ),
+        "notebooks/70_walkthrough.ipynb", (*_MODEL, "errors.steps", "errors.seed", "walkthrough.*"),
+        deps=(str(_L.prepared_dir("")).rstrip("/"), str(_L.errors_dir("")).rstrip("/"), str(_L.scorers_dir()),
+              "${model.spec}"),
+        outs=(str(_L.html("walkthrough")), str(_L.figures_dir("walkthrough"))), html=True),
+    "localization": Stage(
+        "notebooks/30_localization.ipynb", (*_MODEL, "localization.*"), deps=("${model.spec}",),
+        outs=(str(_L.figures_dir("localization")),),
+        results=(str(_L.localization_csv()), str(_L.localization_per_class_csv())),
+        metrics=(str(_L.localization_json()),)),
 }
 
 
@@ -186,7 +222,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="override a parameter for this run only (YAML value)")
     ap.add_argument("--html", metavar="FILE", help="also render the executed notebook to HTML")
     ap.add_argument("--list", action="store_true", help="list the stages and their parameters")
+    ap.add_argument("--write-dvc-yaml", action="store_true",
+                    help="regenerate dvc.yaml from the stages, the layout and the notebooks' imports")
+    ap.add_argument("--sync-notebooks", action="store_true",
+                    help="set each stage notebook's parameters cell to what params.yaml passes it")
     args = ap.parse_args(argv)
+    if args.write_dvc_yaml:
+        from diffpath.io import write_text_atomic
+        from diffpath.study.pipeline import dvc_yaml
+
+        write_text_atomic(ROOT / "dvc.yaml", dvc_yaml())
+        print(f"wrote {ROOT / 'dvc.yaml'}", file=sys.stderr)
+        return 0
+    if args.sync_notebooks:
+        from diffpath.study.pipeline import stage_defaults, sync_notebook_defaults
+
+        params = load_params(args.params)
+        for name, st in STAGES.items():
+            if sync_notebook_defaults(ROOT / st.notebook, stage_defaults(name, params)):
+                print(f"updated the parameters cell of {st.notebook}", file=sys.stderr)
+        return 0
     if args.list or not args.stage:
         for name, st in STAGES.items():
             print(f"{name:16s} {st.notebook:36s} params: {', '.join(st.params)}"

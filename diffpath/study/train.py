@@ -3,7 +3,8 @@
 The embedded profile needs one small DDPM that plays the role CelebA's model plays in the
 DiffPathV2 paper: a diffusers ``UNet2DModel`` trained on Fashion-MNIST (28 → 32 zero-padded,
 1 channel, in [-1, 1]) with the ε-prediction objective of Ho et al. (2020) and an EMA of its
-weights. This module holds that training loop and two evaluation helpers:
+weights. This module holds that training loop (its evaluation helpers are in
+:mod:`diffpath.study.base_model`):
 
 * :func:`train`: AdamW, linear warm-up then cosine (or constant) learning rate, gradient clipping,
   uniform timesteps, MSE on ε, EMA with warm-up; periodic, atomically written, resumable
@@ -11,8 +12,6 @@ weights. This module holds that training loop and two evaluation helpers:
   weights as an uninterrupted one);
 * :func:`save_pipeline`: the EMA network as a diffusers ``DDPMPipeline`` folder (safetensors),
   the format :func:`diffpath.models.load_model` reads;
-* :func:`denoising_loss_per_timestep`: held-out ε-MSE per timestep with fixed noise;
-* :func:`ddim_sample`: a short deterministic DDIM sampler (η = 0).
 
 Shapes: images are ``(N, C, S, S)`` float32 in [-1, 1] (what :func:`diffpath.data.to_model_input`
 returns); timesteps are int64 in ``0 .. T-1``; ε-models follow :class:`diffpath.models.EpsFn`.
@@ -26,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffpath.core.schedule import NoiseSchedule, alphas_cumprod_of
+from diffpath.core.schedule import NoiseSchedule
+from diffpath.io import atomic_path, write_text_atomic
 
 __all__ = [
     "UNetConfig",
@@ -48,10 +48,6 @@ __all__ = [
     "train",
     "load_checkpoint",
     "save_pipeline",
-    "denoising_loss_per_timestep",
-    "ddim_sample",
-    "untrained_like",
-    "image_grid",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -142,6 +138,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def scheduler_config(self) -> dict[str, Any]:
+        """The noise schedule as diffusers' ``scheduler_config.json`` keys."""
+        return {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
+                "beta_start": self.beta_start, "beta_end": self.beta_end}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
@@ -198,15 +199,9 @@ def build_unet(cfg: TrainConfig | UNetConfig, seed: int | None = None) -> nn.Mod
 
 
 def train_schedule(cfg: TrainConfig) -> NoiseSchedule:
-    """The float64 noise schedule named by ``cfg`` (the same rule the model loader applies to the
-    saved ``scheduler_config.json``)."""
-    T = cfg.num_train_timesteps
-    if cfg.beta_schedule == "linear":
-        betas = np.linspace(cfg.beta_start, cfg.beta_end, T, dtype=np.float64)
-        return NoiseSchedule(betas, name="linear")
-    if cfg.beta_schedule == "squaredcos_cap_v2":
-        return NoiseSchedule.named("cosine", T)
-    raise ValueError(f"unsupported beta_schedule {cfg.beta_schedule!r}")
+    """The float64 noise schedule named by ``cfg``: the one the model loader reads back from the
+    saved ``scheduler_config.json``."""
+    return NoiseSchedule.from_diffusers_config(cfg.scheduler_config())
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -236,18 +231,6 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         be.copy_(bm)
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _as_images(images: np.ndarray | torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype == torch.uint8:
@@ -271,14 +254,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     if not history:
         return
-    keys = list(history[0].keys())
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(history[0].keys()))
         w.writeheader()
-        for row in history:
-            w.writerow(row)
-    os.replace(tmp, path)
+        w.writerows(history)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,13 +353,13 @@ def train(
 
     def write_config() -> None:
         info = {**cfg.to_dict(), "steps_completed": step, "num_images": n}
-        _atomic_write_text(json.dumps(info, indent=2) + "\n", out / "train_config.json")
+        write_text_atomic(out / "train_config.json", json.dumps(info, indent=2) + "\n")
 
     write_config()
 
     def save_checkpoint() -> None:
-        _atomic_torch_save(
-            {
+        with atomic_path(ckpt_path) as tmp:
+            torch.save({
                 "config": cfg.identity(),
                 "num_images": n,
                 "model": model.state_dict(),
@@ -391,9 +370,7 @@ def train(
                 "pos": pos,
                 "step": step,
                 "history": history,
-            },
-            ckpt_path,
-        )
+            }, tmp)
         _write_log(out / LOG_NAME, history)
         write_config()
 
@@ -511,151 +488,3 @@ def save_pipeline(
             os.replace(item, target)
     stage.rmdir()
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# evaluation helpers
-
-
-@torch.no_grad()
-def denoising_loss_per_timestep(
-    eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x0: np.ndarray | torch.Tensor,
-    timesteps: Sequence[int],
-    seed: int = 0,
-    *,
-    alphas_cumprod: np.ndarray | None = None,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """Held-out denoising loss ``mean‖ε̂(x_t, t) − ε‖²`` per timestep, with fixed noise.
-
-    Args:
-        eps_fn: ``eps_fn(x, t) -> ε̂``; ``x``: (B, C, H, W), ``t``: (B,) int64.
-        x0: ``(N, C, H, W)`` clean images in [-1, 1].
-        timesteps: the K timesteps to evaluate.
-        seed: seeds the noise: timestep k uses the k-th ``(N, C, H, W)`` draw of a generator
-            seeded with ``seed``, so two models evaluated with the same seed see the same noise.
-        alphas_cumprod: ``(T,)`` ᾱ; default ``eps_fn.schedule.alphas_cumprod``.
-        batch_size: images per network call.
-
-    Returns:
-        ``(K,)`` float64: the mean squared error per pixel at each timestep (≈ 1 for ε̂ ≡ 0).
-    """
-    ab = alphas_cumprod_of(eps_fn, alphas_cumprod)
-    x = torch.as_tensor(np.asarray(x0) if not isinstance(x0, torch.Tensor) else x0).float().cpu()
-    if x.ndim != 4:
-        raise ValueError(f"x0 must be (N, C, H, W), got {tuple(x.shape)}")
-    device = getattr(eps_fn, "device", torch.device("cpu"))
-    gen = torch.Generator().manual_seed(int(seed))
-    out = np.zeros(len(timesteps), dtype=np.float64)
-    for k, t in enumerate(timesteps):
-        t = int(t)
-        noise = torch.randn(x.shape, generator=gen)
-        a = float(np.sqrt(ab[t]))
-        s = float(np.sqrt(1.0 - ab[t]))
-        total = 0.0
-        for i in range(0, x.shape[0], batch_size):
-            xb, nb = x[i : i + batch_size], noise[i : i + batch_size]
-            xt = (a * xb + s * nb).to(device)
-            tt = torch.full((xb.shape[0],), t, dtype=torch.int64, device=device)
-            pred = eps_fn(xt, tt).float().cpu()
-            total += float(((pred - nb) ** 2).sum(dtype=torch.float64))
-        out[k] = total / x.numel()
-    return out
-
-
-@torch.no_grad()
-def ddim_sample(
-    model: Any,
-    n: int,
-    steps: int = 50,
-    seed: int = 0,
-    *,
-    clip_denoised: bool = True,
-    batch_size: int = 256,
-    callback: Callable[[int, int, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Deterministic DDIM samples (η = 0) from an ε-model.
-
-    Args:
-        model: an :class:`diffpath.models.EpsModel` (needs ``schedule``, ``image_size``,
-            ``channels``; called as ``model(x, t)``).
-        n: number of samples.
-        steps: DDIM steps; the visited timesteps are ``model.schedule.respaced_timesteps(steps)``
-            in descending order.
-        seed: seeds the initial noise ``x_T ~ N(0, I)``.
-        clip_denoised: clip the predicted x̂0 to [-1, 1] at every step.
-        batch_size: samples per network call.
-        callback: ``callback(i, t, x)`` after step ``i`` (visiting timestep ``t``), ``x`` the
-            current batch state: a hook that does not change the loop.
-
-    Returns:
-        ``(n, C, S, S)`` float32 in [-1, 1] (CPU).
-    """
-    sched = model.schedule
-    ab = sched.alphas_cumprod
-    ts = list(reversed(sched.respaced_timesteps(steps)))
-    c, s = int(model.channels), int(model.image_size)
-    device = getattr(model, "device", torch.device("cpu"))
-    gen = torch.Generator().manual_seed(int(seed))
-    x_all = torch.randn((n, c, s, s), generator=gen)
-    outs = []
-    for i0 in range(0, n, batch_size):
-        x = x_all[i0 : i0 + batch_size].to(device)
-        for i, t in enumerate(ts):
-            a_t = float(ab[t])
-            a_prev = float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
-            tt = torch.full((x.shape[0],), t, dtype=torch.int64, device=device)
-            eps = model(x, tt).float()
-            x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
-            if clip_denoised:
-                x0 = x0.clamp(-1.0, 1.0)
-                eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
-            x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps
-            if callback is not None:
-                callback(i, t, x)
-        outs.append(x.clamp(-1.0, 1.0).float().cpu())
-    return torch.cat(outs, dim=0)
-
-
-def untrained_like(model: Any, seed: int = 0) -> Any:
-    """A freshly initialised network of the same diffusers config as ``model`` (an
-    :class:`diffpath.models.EpsModel` loaded from a diffusers folder), wrapped the same way, with
-    the same schedule: the "untrained" baseline of the evaluation notebook."""
-    from diffusers import UNet2DModel
-
-    from diffpath.models import EpsModel, _DiffusersAdapter
-
-    cfg = model.settings.get("unet") if isinstance(model.settings, dict) else None
-    if not cfg:
-        raise ValueError("untrained_like needs a model loaded from a diffusers folder")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        unet = UNet2DModel.from_config(dict(cfg))
-    fresh = EpsModel(
-        net=_DiffusersAdapter(unet).eval(),
-        schedule=model.schedule,
-        image_size=model.image_size,
-        channels=model.channels,
-        kind=model.kind,
-        spec=f"untrained({model.spec}, seed={seed})",
-        settings=dict(model.settings),
-    )
-    return fresh.to(model.device).configure(model.options)
-
-
-def image_grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile ``(N, C, H, W)`` images in [-1, 1] into one ``(rows·(H+pad)+pad, nrow·(W+pad)+pad, C)``
-    float array in [0, 1] (``C`` dropped when 1), for ``plt.imshow``/``plt.imsave``."""
-    x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if x.ndim != 4:
-        raise ValueError(f"images must be (N, C, H, W), got {x.shape}")
-    n, c, h, w = x.shape
-    nrow = nrow or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / nrow))
-    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.float32)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        y0, x0 = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y0 : y0 + h, x0 : x0 + w] = (np.clip(x[i], -1, 1).transpose(1, 2, 0) + 1) / 2
-    return grid[..., 0] if c == 1 else grid

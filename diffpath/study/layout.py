@@ -1,0 +1,117 @@
+"""Where every artifact of the study lives: the one place that knows the paths.
+
+The notebooks ask a :class:`Layout` for what they read and write, and ``dvc.yaml`` is generated
+from the same answers (:mod:`diffpath.study.stages`), so a path is written down once. Paths are
+relative to the repository root (``root``), as DVC and the stage runner see them.
+
+=============================  ==================================================================
+artifact                       path
+=============================  ==================================================================
+prepared images                ``data/prepared/<set>/<split>.npz``
+error cache                    ``data/errors/<set>/<split>.npz``
+resumable work of a stage      ``data/.work/<stage>/...`` (outside every DVC output, git-ignored)
+fitted scorers                 ``data/scorers/<in>/<method>.*`` and ``data/scorers/summary.json``
+test scores                    ``data/scores/<in>.npz``
+results and metrics            ``reports/results.csv``, ``reports/metrics.json``
+tables, figures                ``reports/tables/``, ``reports/figures/<stage>/``
+executed notebooks             ``reports/notebooks/<notebook>[_<item>].ipynb``
+=============================  ==================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The study's artifact paths under ``root`` (the repository root by default).
+
+    Methods return :class:`~pathlib.Path` objects; ``str(layout.errors("mnist", "test"))`` with
+    the default root is exactly the path ``dvc.yaml`` declares.
+    """
+
+    root: Path = Path(".")
+    data: str = "data"
+    reports: str = "reports"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    def _d(self, *parts: str) -> Path:
+        return self.root / self.data / Path(*parts)
+
+    def _r(self, *parts: str) -> Path:
+        return self.root / self.reports / Path(*parts)
+
+    # data -------------------------------------------------------------------------------------
+    def prepared_dir(self, dataset: str) -> Path:
+        return self._d("prepared", dataset)
+
+    def prepared(self, dataset: str, split: str) -> Path:
+        """uint8 images, model inputs x0, labels and indices of one split (the data stage)."""
+        return self.prepared_dir(dataset) / f"{split}.npz"
+
+    def errors_dir(self, dataset: str) -> Path:
+        return self._d("errors", dataset)
+
+    def errors(self, dataset: str, split: str) -> Path:
+        """The per-step moments of one split (the errors stage, :mod:`diffpath.study.cache`)."""
+        return self.errors_dir(dataset) / f"{split}.npz"
+
+    def work(self, stage: str, *parts: str) -> Path:
+        """A stage's resumable work area: never inside a DVC output, so a restart keeps it."""
+        return self._d(".work", stage, *parts)
+
+    def scorers_dir(self) -> Path:
+        return self._d("scorers")
+
+    def scorer(self, in_dist: str, method: str) -> Path:
+        """A fitted scorer (stem; :mod:`diffpath.scoring.persist` adds its own suffixes)."""
+        return self.scorers_dir() / in_dist / method
+
+    def scorer_summary(self) -> Path:
+        return self.scorers_dir() / "summary.json"
+
+    def scores_dir(self) -> Path:
+        return self._d("scores")
+
+    def scores(self, in_dist: str) -> Path:
+        """The test scores of every (method, data set) under one in-distribution set."""
+        return self.scores_dir() / f"{in_dist}.npz"
+
+    # reports ----------------------------------------------------------------------------------
+    def results_csv(self) -> Path:
+        return self._r("results.csv")
+
+    def metrics_json(self) -> Path:
+        return self._r("metrics.json")
+
+    def tables_dir(self) -> Path:
+        return self._r("tables")
+
+    def figures_dir(self, stage: str) -> Path:
+        return self._r("figures", stage)
+
+    def html(self, stage: str) -> Path:
+        return self._r(f"{stage}.html")
+
+    def base_model_dir(self) -> Path:
+        """The base model's evaluation: loss curve, samples, metrics."""
+        return self._r("base_model")
+
+    def localization_csv(self) -> Path:
+        return self._r("localization.csv")
+
+    def localization_per_class_csv(self) -> Path:
+        return self._r("localization_per_class.csv")
+
+    def localization_json(self) -> Path:
+        return self._r("localization.json")
+
+    def executed_notebook(self, notebook: str, item: str | None = None) -> Path:
+        stem = Path(notebook).stem
+        return self._r("notebooks", f"{stem}{'_' + item if item else ''}.ipynb")
