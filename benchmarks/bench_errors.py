@@ -18,7 +18,7 @@ the weights, and no checkpoint is needed), then times, in one process, on the sa
     the study's own path, :func:`diffpath.study.cache.compute_cache`, fp32 eager.
 ``fast``
     the same :func:`~diffpath.study.cache.compute_cache` call on a model configured with the fast
-    :class:`~diffpath.models.RunOptions` (built by :func:`diffpath.study.distributed.run_options_from_params`,
+    :class:`~diffpath.models.RunOptions` (built by :func:`diffpath.models.options.run_options_from_params`,
     the function the errors stage uses): by default bf16 autocast + channels_last on CUDA
     (``--compile`` / ``--cuda-graphs`` add torch.compile / CUDA graphs); on CPU the default is what
     measured fastest on the study's 2-core CPU (see ``benchmarks/README.md``).
@@ -81,7 +81,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from diffpath.study.cache import CacheConfig, compute_cache  # noqa: E402
-from diffpath.study.distributed import run_options_from_params  # noqa: E402
+from diffpath.models.options import run_options_from_params  # noqa: E402
 from diffpath.methods.registry import METHODS  # noqa: E402
 from diffpath.models import EpsModel, RunOptions, load_model  # noqa: E402
 from diffpath.models.improved_unet import (  # noqa: E402

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from diffpath.study.cache import CacheConfig, compute_cache
-from diffpath.study.distributed import run_options_from_params, run_sharded
+from diffpath.models.options import run_options_from_params
+from diffpath.study.distributed import run_sharded
 from diffpath.models import RunOptions, load_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ReconstructingEps
 from diffpath.core.schedule import NoiseSchedule
 from diffpath.methods.diffpathv2 import (
     MAP_NAMES,
@@ -52,17 +53,6 @@ class TrueNoise:
         return eps + self.c * self.step[tt]
 
 
-class Reconstructing:
-    """Oracle from a closure on x0: ε = (x_t − √ᾱ·x0)/√(1 − ᾱ)."""
-
-    def __init__(self, x0: torch.Tensor):
-        self.x0 = x0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = torch.as_tensor(ABAR[t.cpu().numpy()], dtype=torch.float64).view(-1, 1, 1, 1)
-        return ((x.double() - ab.sqrt() * self.x0.double()) / (1 - ab).sqrt()).to(x.dtype)
-
-
 def smooth_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A per-pixel nonlinear ε-model (each image's output depends on that image only)."""
     s = (t.to(x.dtype) / 1000.0).view(-1, 1, 1, 1)
@@ -105,7 +95,7 @@ def test_true_noise_oracle_float64_has_exact_reconstruction():
 
 def test_reconstructing_oracle_error_is_rounding_only():
     x0 = _images(3)
-    res = score_error_path(Reconstructing(x0), x0, TS, ABAR, keep_maps=True)
+    res = score_error_path(ReconstructingEps(x0, SCHED), x0, TS, ABAR, keep_maps=True)
     T = len(TS)
     # x_t is rounded to float32 (|x_t| ≲ 5); the oracle divides that rounding by √(1−ᾱ)
     bound = np.array([2 * EPS32 * 5 / math.sqrt(1 - ABAR[t]) for t in TS])
@@ -316,8 +306,8 @@ def test_image_keys():
     assert torch.equal(image_keys(bumped)[[0, 1, 3, 4, 5]], keys[[0, 1, 3, 4, 5]])
     swapped = centred.clone()
     swapped[0, 0, 0, 0], swapped[0, 0, 0, 1] = centred[0, 0, 0, 1], centred[0, 0, 0, 0]
-    if centred[0, 0, 0, 0] != centred[0, 0, 0, 1]:
-        assert image_keys(swapped)[0] != keys[0]  # positions matter, not just the histogram
+    assert centred[0, 0, 0, 0] != centred[0, 0, 0, 1]  # (so the swap below changes the image)
+    assert image_keys(swapped)[0] != keys[0]  # positions matter, not just the histogram
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,12 +94,28 @@ def test_chain_produces_results(study):
     res = pd.read_csv(work / "reports/results.csv")
     assert list(res.columns) == ["method", "in_dist", "ood", "auroc", "fpr95", "aupr"]
     assert len(res) == len(p["methods"]) * 2  # fashion_mnist vs mnist, noise
-    assert res[["auroc", "fpr95", "aupr"]].apply(lambda c: c.between(0, 1)).all().all()
+    # every AUROC is the one of the saved scores (in-distribution positive), to the CSV's 6 digits
+    from sklearn.metrics import roc_auc_score
+
+    from diffpath.study.evaluate import load_scores
+
+    scores = load_scores(work / "data/scores/fashion_mnist.npz")
+    for r in res.itertuples():
+        s_in, s_out = scores[r.method][r.in_dist], scores[r.method][r.ood]
+        y = np.r_[np.ones(len(s_in)), np.zeros(len(s_out))]
+        assert abs(r.auroc - roc_auc_score(y, np.r_[s_in, s_out])) <= 5e-7, (r.method, r.ood)
     metrics = json.loads((work / "reports/metrics.json").read_text())
     assert set(metrics) == set(p["methods"])
     for m in p["methods"]:
         assert (work / f"reports/tables/{m}.md").is_file() and (work / f"reports/tables/{m}.tex").is_file()
-    assert (work / "reports/tables/ablation.md").read_text().count("|") > 10
+    # the ablation table holds each method's mean AUROC × 100, one decimal
+    rows = [ln.split("|")[1:-1] for ln in (work / "reports/tables/ablation.md").read_text().splitlines()[2:]]
+    got = {cells[0].strip(): float(cells[-1].strip().strip("*")) for cells in rows}  # the Average column
+    from diffpath.study.report import method_label
+
+    for m in p["report"]["ablation"]:
+        want = 100 * res.query("method == @m")["auroc"].mean()
+        assert abs(got[method_label(m)] - want) <= 0.05 + 1e-9, m
     assert (work / "reports/figures/report/hist_fashion_mnist.png").stat().st_size > 1000
     assert (work / "reports/figures/report/roc_fashion_mnist.png").stat().st_size > 1000
     assert (work / "reports/figures/walkthrough/feature_space.png").is_file()
@@ -126,3 +142,66 @@ def test_cli_overrides_parse_yaml_values(tmp_path):
     params = {"errors": {"clip_denoised": True}, "data": {"in_dist": ["a"]}}
     _override(params, ["errors.clip_denoised=false", "data.in_dist=[a, b]", "errors.steps=5"])
     assert params == {"errors": {"clip_denoised": False, "steps": 5}, "data": {"in_dist": ["a", "b"]}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The base-model stage at a tiny size: a few steps of a two-level UNet on 64 images."""
+    work = tmp_path_factory.mktemp("base")
+    p = load_params(ROOT / "params.yaml")
+    p["base_model"].update(out_dir=str(work / "model"), n_train=64, steps=3, batch_size=16, warmup_steps=1,
+                           checkpoint_every=2, log_every=1, num_threads=1, block_out_channels=[8, 16],
+                           norm_num_groups=4, add_attention=False)
+    run_stage("base_model", params=p, cwd=work)
+    return work, p
+
+
+def test_base_model_stage_trains_and_saves_a_loadable_model(trained):
+    from diffpath.models import load_model
+
+    work, p = trained
+    config = json.loads((work / "model/train_config.json").read_text())
+    assert config["steps_completed"] == 3 and config["num_images"] == 64
+    model = load_model(work / "model")
+    assert model.kind == "diffusers" and model.channels == 1 and model.image_size == 32
+
+
+def test_base_model_eval_and_localization_stages_run_on_it(trained):
+    work, p = trained
+    p["model"].update(spec=str(work / "model"), device="cpu")
+    p["base_model_eval"].update(n_eval_images=8, n_eval_timesteps=3, n_samples=4, sample_steps=2, num_threads=1)
+    run_stage("base_model_eval", params=p, cwd=work)
+    metrics = json.loads((work / "reports/base_model/metrics.json").read_text())
+    curve = pd.read_csv(work / "reports/base_model/loss_per_timestep.csv")
+    assert len(curve) == 3 and metrics["n_eval_images"] == 8
+    assert metrics["mean_heldout_loss_trained"] == pytest.approx(curve["loss_trained"].mean(), rel=1e-12)
+
+    p["localization"].update(datasets=["fashion_mnist"], n_per_class=1, t0=100, steps=2, batch_size=8)
+    run_stage("localization", params=p, cwd=work)
+    loc = pd.read_csv(work / "reports/localization.csv")
+    assert sorted(loc["method"]) == sorted(p["localization"]["methods"])
+    summary = json.loads((work / "reports/localization.json").read_text())
+    assert summary["images"] == {"fashion_mnist": 10}  # one image per class
+    assert "seconds" not in json.dumps(summary)  # nothing that changes from run to run
+
+
+def test_a_truncated_prepared_file_is_one_line_naming_it(tmp_path, tiny_model):
+    """A killed data stage or a damaged checkout: the errors stage says which file and how to
+    rebuild it, in one line and exit status 2, not a papermill traceback."""
+    import subprocess
+    import sys
+
+    p = load_params(ROOT / "params.yaml")
+    p["model"].update(spec=str(tiny_model), device="cpu")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    good = tmp_path / "good.npz"
+    np.savez(good, x0=np.zeros((4, 1, 32, 32), np.float32))
+    bad = tmp_path / "data/prepared/mnist/test.npz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(good.read_bytes()[:100])
+    r = subprocess.run([sys.executable, "-m", "diffpath.study", "errors", "mnist"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("diffpath.study: error: stage errors: data/prepared/mnist/test.npz: unreadable")
+    assert "dvc repro" in last and "Traceback" not in r.stderr

@@ -18,11 +18,8 @@ on GPUs up to the run-to-run nondeterminism of their kernels). A killed run resu
 already on disk, with any number of processes. Without torchrun's environment (``WORLD_SIZE``
 unset) it runs as one process.
 
-:func:`run_options_from_params` turns params entries (``model.precision``, ``model.channels_last``,
-``model.compile``, ``model.cuda_graphs``) into :class:`~diffpath.models.RunOptions`: explicit values
-give exactly ``RunOptions(**values)``, ``auto`` gives the device's measured fast setting.
-``benchmarks/bench_errors.py`` builds its ``fast`` path with this function (``--fast-from-params
-params.yaml`` reads the very entries the errors stage runs with), so what is measured is what runs.
+Run options (precision, channels_last, compile, CUDA graphs) come from
+:mod:`diffpath.models.options`, as in the errors stage.
 """
 
 from __future__ import annotations
@@ -30,8 +27,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -41,10 +38,9 @@ import torch
 
 from diffpath.study.cache import FAMILIES, CacheConfig, compute_cache
 from diffpath.models import RunOptions, load_model
+from diffpath.models.options import run_options_from_params
 
 __all__ = [
-    "fast_run_options",
-    "run_options_from_params",
     "DistEnv",
     "dist_env",
     "load_x0",
@@ -53,92 +49,20 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------------------------
-# execution options
-
-
-def fast_run_options(device: str | torch.device) -> RunOptions:
-    """The fast options per device type (what ``auto`` means in params).
-
-    * CUDA: bf16 autocast + channels_last (torch.compile / CUDA graphs are opt-in: they pay off on
-      long runs, and compile for minutes first). Not yet measured on a GPU: the study's params keep
-      fp32 until ``benchmarks/bench_errors.py`` and the evaluate stage show the features agree.
-    * CPU: fp32 + channels_last. On the study's 2-core AVX2 CPU (no native bf16), bf16 autocast was
-      several times *slower*; channels_last was the only option that helped; torch.compile
-      (inductor C++) did not pay back its compile time; see ``benchmarks/README.md``.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return RunOptions(precision="bf16", channels_last=True, compile=False, cuda_graphs=False)
-    return RunOptions(precision="fp32", channels_last=True, compile=False, cuda_graphs=False)
-
-
-_TRUE = {"1", "true", "yes", "on", "y", "t"}
-_FALSE = {"0", "false", "no", "off", "n", "f", ""}
-
-
-def _flag(name: str, value: Any, auto: bool) -> bool:
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return auto
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ValueError(f"run option {name} must be a boolean or 'auto', got {value!r}")
-
-
-def run_options_from_params(params: Mapping[str, Any] | None, device: str | torch.device) -> RunOptions:
-    """:class:`RunOptions` from a params mapping (e.g. ``params["errors"]["run"]``).
-
-    Keys: ``precision`` (``fp32`` | ``tf32`` | ``bf16`` | ``auto``), ``channels_last``,
-    ``compile``, ``cuda_graphs`` (booleans or ``auto``). A missing key keeps the exact default
-    (fp32, nothing else); ``auto`` takes :func:`fast_run_options`' value for ``device``. CUDA graphs
-    are dropped (with a warning) off CUDA; ``tf32`` is plain fp32 off CUDA.
-
-    ``{"precision": "auto", "channels_last": "auto", "compile": "auto", "cuda_graphs": "auto"}`` is
-    the fast path that ``benchmarks/bench_errors.py`` measures.
-    """
-    params = dict(params or {})
-    unknown = set(params) - {"precision", "channels_last", "compile", "cuda_graphs"}
-    if unknown:
-        raise ValueError(f"unknown run option(s) {sorted(unknown)}; expected precision, "
-                         "channels_last, compile, cuda_graphs")
-    dev = torch.device(device)
-    fast = fast_run_options(dev)
-    precision = params.get("precision", "fp32")
-    if precision is None or str(precision).lower() == "auto":
-        precision = fast.precision
-    precision = str(precision).lower()
-    default = RunOptions()
-    channels_last = _flag("channels_last", params["channels_last"], fast.channels_last) \
-        if "channels_last" in params else default.channels_last
-    compile_ = _flag("compile", params["compile"], fast.compile) if "compile" in params else default.compile
-    graphs = _flag("cuda_graphs", params["cuda_graphs"], fast.cuda_graphs) \
-        if "cuda_graphs" in params else default.cuda_graphs
-    if graphs and dev.type != "cuda":
-        warnings.warn("cuda_graphs needs a CUDA device; ignored on " + dev.type, stacklevel=2)
-        graphs = False
-    return RunOptions(precision=precision, channels_last=channels_last, compile=compile_ or graphs,
-                      cuda_graphs=graphs)
-
-
-# --------------------------------------------------------------------------------------------
 # torchrun environment
 
 
+@dataclass
 class DistEnv:
     """Where this process sits: ``rank``, ``world_size``, ``local_rank``, its ``device``, the
     ``backend`` and whether this module initialised the process group (and must destroy it)."""
 
-    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device,
-                 backend: str | None, owns_group: bool):
-        self.rank = rank
-        self.world_size = world_size
-        self.local_rank = local_rank
-        self.device = device
-        self.backend = backend
-        self.owns_group = owns_group
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+    owns_group: bool = field(default=False, repr=False)
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -156,10 +80,6 @@ class DistEnv:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
-
-    def __repr__(self) -> str:
-        return (f"DistEnv(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
-                f"device={self.device}, backend={self.backend})")
 
 
 def dist_env(backend: str = "auto", device: str = "auto", timeout_min: float = 120.0) -> DistEnv:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from diffpath.io import atomic_path, save_npz_atomic
 from diffpath.study.cache import load_cache
-from diffpath.study.layout import Layout
+from diffpath.study.layout import Layout, read_npz
 from diffpath.methods.registry import get_method
 from diffpath.scoring.metrics import detection_metrics
 from diffpath.scoring.scorers import make_scorer
@@ -63,10 +63,9 @@ def save_scores(path: str | Path, scores: Mapping[str, Mapping[str, np.ndarray]]
 def load_scores(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """Read :func:`save_scores`' file back as ``{method: {dataset: (N,)}}``."""
     out: dict[str, dict[str, np.ndarray]] = {}
-    with np.load(path, allow_pickle=False) as z:
-        for key in z.files:
-            method, dataset = key.split(_SEP)
-            out.setdefault(method, {})[dataset] = z[key]
+    for key, value in read_npz(path).items():
+        method, dataset = key.split(_SEP)
+        out.setdefault(method, {})[dataset] = value
     return out
 
 

@@ -20,10 +20,13 @@ executed notebooks             ``reports/notebooks/<notebook>[_<item>].ipynb``
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Layout"]
+import numpy as np
+
+__all__ = ["Layout", "StageInputError", "read_npz"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,19 @@ class Layout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def enter(cls, root: str | Path = ".") -> Layout:
+        """Change into the study's root and return its layout (for the notebooks).
+
+        The root is ``root`` itself when it holds ``params.yaml``, else the nearest parent that
+        does (a notebook opened in JupyterLab runs in ``notebooks/``), else ``root`` as given (a
+        scratch folder, as the tests use).
+        """
+        start = Path(root).resolve()
+        found = next((p for p in (start, *start.parents) if (p / "params.yaml").is_file()), start)
+        os.chdir(found)
+        return cls(Path("."))
 
     def _d(self, *parts: str) -> Path:
         return self.root / self.data / Path(*parts)
@@ -115,3 +131,26 @@ class Layout:
     def executed_notebook(self, notebook: str, item: str | None = None) -> Path:
         stem = Path(notebook).stem
         return self._r("notebooks", f"{stem}{'_' + item if item else ''}.ipynb")
+
+
+class StageInputError(RuntimeError):
+    """A stage's input artifact is missing or unreadable; the stage runner prints it as one line."""
+
+
+def read_npz(path: str | Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """All arrays (or ``keys``) of an artifact ``.npz``, read eagerly and without pickles.
+
+    A missing, truncated or corrupt file raises :class:`StageInputError` naming the file and the
+    fix (rebuild it with ``dvc repro``), instead of a traceback from deep inside numpy.
+    """
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in (keys if keys is not None else z.files)}
+    except FileNotFoundError:
+        raise StageInputError(f"{path}: missing; run `dvc repro` to build it") from None
+    except KeyError as exc:
+        raise StageInputError(f"{path}: has no array {exc}; run `dvc repro` to rebuild it") from None
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError …
+        raise StageInputError(f"{path}: unreadable or truncated ({type(exc).__name__}: {exc}); "
+                              "run `dvc repro` to rebuild it") from None

@@ -18,10 +18,29 @@ __all__ = [
     "ablation_table",
     "to_markdown",
     "to_latex",
+    "METHOD_LABELS",
+    "method_label",
     "plot_histograms",
     "plot_roc",
     "save_figure",
 ]
+
+
+#: How the tables and figures name each method.
+METHOD_LABELS: dict[str, str] = {
+    "diffpath": "DiffPath-6D",
+    "diffpath_1d": "DiffPath-1D",
+    "score_error": "score error (no SSIM)",
+    "diffpathv2": "DiffPathV2",
+    "diffpathv2_power": "DiffPathV2, power sums",
+    "diffpathv2_noderiv": "DiffPathV2, no derivative",
+    "diffpathv2_1d": "DiffPathV2-1D",
+}
+
+
+def method_label(method: str) -> str:
+    """The display name of a method (its registry name when it has none)."""
+    return METHOD_LABELS.get(method, method)
 
 
 def method_table(results: pd.DataFrame, method: str, metric: str = "auroc",

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from diffpath.study.layout import Layout
+from diffpath.study.layout import Layout, StageInputError
 
 __all__ = ["Stage", "STAGES", "stage_parameters", "run_stage", "render_html", "load_params", "main"]
 
@@ -191,14 +191,19 @@ def run_stage(
     out = Path(output) if output is not None else cwd / st.executed_path(item)
     out.parent.mkdir(parents=True, exist_ok=True)
     notebook = cwd / st.notebook if (cwd / st.notebook).is_file() else ROOT / st.notebook
-    pm.execute_notebook(
-        str(notebook),
-        str(out),
-        parameters=nb_params,
-        cwd=str(cwd),
-        progress_bar=progress,
-        kernel_name="python3",
-    )
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(out),
+            parameters=nb_params,
+            cwd=str(cwd),
+            progress_bar=progress,
+            kernel_name="python3",
+        )
+    except pm.PapermillExecutionError as exc:
+        if exc.ename == StageInputError.__name__:  # a bad input artifact: one line, not a traceback
+            raise StageInputError(f"stage {stage}: {exc.evalue} (executed notebook: {out})") from None
+        raise
     return out
 
 
@@ -253,8 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run_stage(args.stage, args.item, params=params, progress=sys.stderr.isatty())
         if args.html:
             render_html(out, args.html)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
-        print(f"diffpath.study.stages: error: {exc}", file=sys.stderr)
+    except (ValueError, KeyError, FileNotFoundError, StageInputError) as exc:
+        print(f"diffpath.study: error: {exc}", file=sys.stderr)
         return 2
     print(f"executed {out}", file=sys.stderr)
     return 0
