@@ -80,6 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from diffpath.methods.diffpathv2 import ScoreErrorConfig  # noqa: E402
 from diffpath.study.cache import CacheConfig, compute_cache  # noqa: E402
 from diffpath.models.options import run_options_from_params  # noqa: E402
 from diffpath.methods.registry import METHODS  # noqa: E402
@@ -378,7 +379,7 @@ def reference_run(model: EpsModel, x0: np.ndarray, cfg: CacheConfig) -> dict[str
         if "diffpath" in cfg.families:
             feats["diffpath"].append(_reference_diffpath(model, d_dp, xb, cfg.clip_denoised))
         if "diffpathv2" in cfg.families:
-            feats["diffpathv2"].append(_reference_diffpathv2(model, d_v2, xb, cfg.seed))
+            feats["diffpathv2"].append(_reference_diffpathv2(model, d_v2, xb, cfg.score_error.seed))
     return {f: np.concatenate(v) for f, v in feats.items()}
 
 
@@ -692,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     n_images = args.n_images or args.batch_size
     x0 = synthetic_images(n_images, eager.channels, eager.image_size, seed=args.seed)
     cfg = CacheConfig(families=families, steps=args.steps, batch_size=args.batch_size,
-                      chunk_size=max(args.batch_size, n_images), seed=args.seed)
+                      chunk_size=max(args.batch_size, n_images), score_error=ScoreErrorConfig(seed=args.seed))
     nfe_per_image = args.steps * len(families)
     batches = [torch.from_numpy(x0[s:s + args.batch_size]).to(device)
                for s in range(0, n_images, args.batch_size)]

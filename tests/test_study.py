@@ -205,3 +205,16 @@ def test_a_truncated_prepared_file_is_one_line_naming_it(tmp_path, tiny_model):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("diffpath.study: error: stage errors: data/prepared/mnist/test.npz: unreadable")
     assert "dvc repro" in last and "Traceback" not in r.stderr
+
+
+def test_a_rerun_gives_the_same_bytes(tmp_path):
+    """Executed notebooks are results too: no wall-clock times, random ids or absolute paths."""
+    p = load_params(ROOT / "params.yaml")
+    p["data"].update(n_train=16, n_test=8)
+    runs = []
+    for _ in range(2):
+        out = run_stage("data", "digits", params=p, cwd=tmp_path)
+        runs.append(out.read_bytes())
+    assert runs[0] == runs[1]
+    meta = json.loads(runs[0])["metadata"]["papermill"]
+    assert "start_time" not in meta and meta["input_path"] == "notebooks/10_data.ipynb"

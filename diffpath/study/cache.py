@@ -36,7 +36,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,14 @@ import torch
 
 from diffpath.io import save_npz_atomic, write_json_atomic
 from diffpath.models import EpsModel
-from diffpath.core.sampling import ddim_coefficients, diffpath_path
+from diffpath.core.sampling import ddim_coefficients
+from diffpath.methods.diffpath import diffpath_path
+from diffpath.methods.diffpathv2 import ScoreErrorConfig, score_error_path
 
 __all__ = ["CacheConfig", "compute_cache", "load_cache", "FAMILIES"]
 
 FAMILIES = ("diffpath", "diffpathv2")
+_FP_KEY = "run_fingerprint"  # stored in every chunk: the fingerprint of the run that wrote it
 
 
 @dataclass
@@ -62,9 +65,7 @@ class CacheConfig:
         steps: DDIM steps of the DiffPath path (DiffPath uses 10).
         clip_denoised: clip x̂0 on the DiffPath path (DiffPath does).
         v2_timesteps: ``"diffpath"`` (the same respaced timesteps as the path) or an explicit list.
-        seed: global seed of DiffPathV2's noise.
-        noise_key: ``"content"`` or ``"index"`` (see :mod:`diffpath.methods.diffpathv2`).
-        clip_x0_hat: clip DiffPathV2's reconstruction before SSIM.
+        score_error: DiffPathV2's noise seed, noise keying, clipping and SSIM settings.
         batch_size: images per model call.
         chunk_size: images per resumable chunk.
         n_maps: keep per-pixel maps of this many leading images, for figures.
@@ -74,9 +75,7 @@ class CacheConfig:
     steps: int = 10
     clip_denoised: bool = True
     v2_timesteps: str | list[int] = "diffpath"
-    seed: int = 0
-    noise_key: str = "content"
-    clip_x0_hat: bool = False
+    score_error: ScoreErrorConfig = field(default_factory=ScoreErrorConfig)
     batch_size: int = 256
     chunk_size: int = 2048
     n_maps: int = 0
@@ -91,8 +90,18 @@ class CacheConfig:
             raise ValueError("steps must be at least 2 (the derivative needs two steps)")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError("batch_size and chunk_size must be positive")
-        if self.noise_key not in ("content", "index"):
-            raise ValueError("noise_key must be 'content' or 'index'")
+        if isinstance(self.score_error, dict):
+            self.score_error = ScoreErrorConfig(**self.score_error)
+
+    @classmethod
+    def from_params(cls, **params: Any) -> CacheConfig:
+        """From the flat settings of ``params.yaml``'s ``errors`` section (or the command line):
+        ``seed``, ``noise_key`` and ``clip_x0_hat`` go to :attr:`score_error`; names neither
+        class knows (``num_threads``, ...) are ignored."""
+        own = {f.name for f in fields(cls)} - {"score_error", "extra"}
+        v2 = {f.name for f in fields(ScoreErrorConfig)}
+        return cls(**{k: v for k, v in params.items() if k in own},
+                   score_error=ScoreErrorConfig(**{k: v for k, v in params.items() if k in v2}))
 
     def dp_timesteps(self, model: EpsModel) -> list[int]:
         return model.schedule.respaced_timesteps(self.steps)
@@ -158,12 +167,9 @@ def _batch_arrays(model: EpsModel, x: torch.Tensor, idx: torch.Tensor, cfg: Cach
         if keep_maps:
             out["maps_dp_eps"], out["maps_dp_xt"] = r.eps, r.xt
     if "diffpathv2" in cfg.families:
-        from diffpath.methods.diffpathv2 import ScoreErrorConfig, score_error_path
-
-        sc = ScoreErrorConfig(seed=cfg.seed, noise_key=cfg.noise_key, clip_x0_hat=cfg.clip_x0_hat)
-        keys = idx if cfg.noise_key == "index" else None
+        keys = idx if cfg.score_error.noise_key == "index" else None
         r2 = score_error_path(model, x, cfg.v2_ts(model), model.schedule.alphas_cumprod,
-                              keys=keys, config=sc, keep_maps=keep_maps)
+                              keys=keys, config=cfg.score_error, keep_maps=keep_maps)
         out["v2_err"], out["v2_derr"] = r2.err_moments, r2.derr_moments
         out["v2_werr"], out["v2_dwerr"] = r2.werr_moments, r2.dwerr_moments
         out["v2_ssim"] = r2.ssim_mean
@@ -206,6 +212,7 @@ def compute_cache(
     world_size: int = 1,
     barrier=None,
     work_dir: str | Path | None = None,
+    keep_finished: bool = False,
 ) -> dict[str, np.ndarray] | None:
     """Run the model passes over ``x0`` and return (and optionally write) the cache.
 
@@ -222,6 +229,10 @@ def compute_cache(
             return ``None``.
         work_dir: where the chunk parts go (default ``out + ".parts"``). Put it outside a DVC
             output so that a pipeline restart does not delete finished chunks.
+        keep_finished: keep the merged cache in the work area too (``finished.npz``), so that a
+            rerun after a kill that lost ``out`` (DVC removes a stage's outputs before it reruns
+            the stage) copies it instead of recomputing; the caller removes the work area when
+            its whole stage is done.
 
     Returns:
         The cache arrays (see the module docstring), on rank 0.
@@ -243,12 +254,14 @@ def compute_cache(
         parts_dir = Path(work_dir) if work_dir is not None else out.with_name(out.name + ".parts")
         parts_dir.mkdir(parents=True, exist_ok=True)
         meta_file = parts_dir / "meta.json"
-        if meta_file.is_file():
+        try:
             old = json.loads(meta_file.read_text())
-            if old.get("fingerprint") != fp or old.get("chunk") != chunk:
-                if rank == 0:
-                    shutil.rmtree(parts_dir)  # stale parts from another configuration
-                    parts_dir.mkdir(parents=True)
+        except (OSError, ValueError):
+            old = {}
+        if old.get("fingerprint") != fp or old.get("chunk") != chunk:
+            if rank == 0:  # stale parts of another run, or parts whose meta.json is lost
+                shutil.rmtree(parts_dir)
+                parts_dir.mkdir(parents=True)
         if rank == 0:
             write_json_atomic(meta_file, meta)
         if barrier is not None:
@@ -258,7 +271,26 @@ def compute_cache(
         assert parts_dir is not None
         return parts_dir / f"chunk_{i:06d}.npz"
 
-    todo = [i for i in mine if parts_dir is None or not part_file(i).is_file()]
+    def part_ok(i: int) -> bool:  # a chunk is used only when it provably belongs to this run
+        try:
+            with np.load(part_file(i), allow_pickle=False) as z:
+                return str(z[_FP_KEY]) == fp and np.array_equal(z["index"], np.arange(*spans[i]))
+        except Exception:
+            return False
+
+    finished = parts_dir / "finished.npz" if parts_dir is not None else None
+    if finished is not None and rank == 0 and world_size == 1 and finished.is_file():
+        try:
+            with np.load(finished, allow_pickle=False) as z:
+                cached = {k: z[k] for k in z.files}
+        except Exception:
+            cached = {}
+        if str(cached.pop(_FP_KEY, "")) == fp:  # this very run finished before: reuse it
+            assert out is not None
+            save_npz_atomic(out, cached)
+            return cached
+
+    todo = [i for i in mine if parts_dir is None or not part_ok(i)]
     results: dict[int, dict[str, np.ndarray]] = {}
     bar = None
     if progress:
@@ -272,7 +304,7 @@ def compute_cache(
         for i in todo:
             arr = _compute_chunk(model, x0, spans[i], cfg, device, bar)
             if parts_dir is not None:
-                save_npz_atomic(part_file(i), arr)
+                save_npz_atomic(part_file(i), {**arr, _FP_KEY: np.asarray(fp)})
             else:
                 results[i] = arr
     finally:
@@ -288,21 +320,30 @@ def compute_cache(
         if i in results:
             loaded.append(results[i])
         else:
-            with np.load(part_file(i)) as z:
-                loaded.append({k: z[k] for k in z.files})
+            if not part_ok(i):
+                raise RuntimeError(f"{part_file(i)}: missing, or not of this run; rerun")
+            with np.load(part_file(i), allow_pickle=False) as z:
+                loaded.append({k: z[k] for k in z.files if k != _FP_KEY})
     merged = {k: np.concatenate([p[k] for p in loaded if k in p]) for k in loaded[0]}
     merged["dp_timesteps"] = np.asarray(cfg.dp_timesteps(model), dtype=np.int64)
     if "diffpathv2" in cfg.families:
         merged["v2_timesteps"] = np.asarray(cfg.v2_ts(model), dtype=np.int64)
     merged["meta"] = np.asarray(json.dumps(meta, default=str))
     if out is not None:
+        assert parts_dir is not None and finished is not None
+        if keep_finished:
+            save_npz_atomic(finished, {**merged, _FP_KEY: np.asarray(fp)})
+            for i in range(len(spans)):
+                part_file(i).unlink(missing_ok=True)
         save_npz_atomic(out, merged)
-        assert parts_dir is not None
-        shutil.rmtree(parts_dir, ignore_errors=True)
+        if not keep_finished:
+            shutil.rmtree(parts_dir, ignore_errors=True)
     return merged
 
 
 def load_cache(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a cache written by :func:`compute_cache`."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Read a cache written by :func:`compute_cache` (:class:`~diffpath.study.layout.StageInputError`
+    naming the file when it is missing or truncated)."""
+    from diffpath.study.layout import read_npz
+
+    return read_npz(path)

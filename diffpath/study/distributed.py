@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffpath.methods.diffpathv2 import ScoreErrorConfig
 from diffpath.study.cache import FAMILIES, CacheConfig, compute_cache
 from diffpath.models import RunOptions, load_model
 from diffpath.models.options import run_options_from_params
@@ -207,8 +208,8 @@ def run_sharded(
         if not isinstance(x0, np.ndarray):
             x0 = load_x0(x0, channels=m.channels, size=m.image_size)
         cfg = CacheConfig(families=tuple(families), steps=steps, batch_size=batch_size,
-                          chunk_size=chunk_size, seed=seed, noise_key=noise_key,
-                          clip_denoised=clip_denoised, n_maps=n_maps)
+                          chunk_size=chunk_size, clip_denoised=clip_denoised, n_maps=n_maps,
+                          score_error=ScoreErrorConfig(seed=seed, noise_key=noise_key))
         kwargs: dict[str, Any] = {}
         if work_dir is not None:
             kwargs["work_dir"] = work_dir

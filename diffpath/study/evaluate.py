@@ -7,6 +7,7 @@ features of every set and compute AUROC / FPR@95 / AUPR with in-distribution pos
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from diffpath.io import atomic_path, save_npz_atomic
+from diffpath.io import atomic_path, save_npz_atomic, write_json_atomic
+from diffpath.scoring import persist
 from diffpath.study.cache import load_cache
 from diffpath.study.layout import Layout, read_npz
 from diffpath.methods.registry import get_method
@@ -39,20 +41,23 @@ _SEP = "__"  # method and data set names never contain it
 
 
 def save_scorer(path: str | Path, scorer: Any) -> Path:
-    """Write a fitted scorer beside ``path`` (the layout's stem) atomically; returns the file."""
-    import joblib
+    """Write a fitted scorer as plain arrays (``<path>.npz``) and its description (``<path>.json``),
+    each atomically (:mod:`diffpath.scoring.persist`: no pickle, so a scorer pulled from a shared
+    cache cannot run code). Returns the ``.npz``."""
+    base = Path(path)
+    arrays = base.with_suffix(".npz")
+    with atomic_path(arrays) as tmp:
+        desc = persist.save_scorer(scorer, tmp)
+    write_json_atomic(base.with_suffix(".json"), desc)
+    return arrays
 
-    target = Path(path).with_suffix(".joblib")
-    with atomic_path(target) as tmp:
-        joblib.dump(scorer, tmp)
-    return target
 
-
-def load_scorer(path: str | Path) -> Any:
-    """Read a scorer written by :func:`save_scorer` (files the study wrote itself)."""
-    import joblib
-
-    return joblib.load(Path(path).with_suffix(".joblib"))
+def load_scorer(path: str | Path) -> persist.RestoredScorer:
+    """Rebuild a scorer written by :func:`save_scorer`; its ``score_samples`` gives the same
+    log-densities as the fitted scorer's scikit-learn estimators."""
+    base = Path(path)
+    desc = json.loads(base.with_suffix(".json").read_text())
+    return persist.load_scorer(base.with_suffix(".npz"), desc)
 
 
 def save_scores(path: str | Path, scores: Mapping[str, Mapping[str, np.ndarray]]) -> None:

@@ -15,6 +15,7 @@ test scores                    ``data/scores/<in>.npz``
 results and metrics            ``reports/results.csv``, ``reports/metrics.json``
 tables, figures                ``reports/tables/``, ``reports/figures/<stage>/``
 executed notebooks             ``reports/notebooks/<notebook>[_<item>].ipynb``
+wall times (not results)       ``reports/timings/<stage>[_<item>].json`` (git-ignored)
 =============================  ==================================================================
 """
 
@@ -127,6 +128,11 @@ class Layout:
 
     def localization_json(self) -> Path:
         return self._r("localization.json")
+
+    def timings(self, stage: str, item: str | None = None) -> Path:
+        """Wall times of a stage's run: git-ignored and no DVC output, so that the results stay
+        byte-identical from run to run."""
+        return self._r("timings", f"{stage}{'_' + item if item else ''}.json")
 
     def executed_notebook(self, notebook: str, item: str | None = None) -> Path:
         stem = Path(notebook).stem

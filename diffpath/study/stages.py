@@ -19,7 +19,8 @@ import argparse
 import copy
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,19 +193,64 @@ def run_stage(
     out.parent.mkdir(parents=True, exist_ok=True)
     notebook = cwd / st.notebook if (cwd / st.notebook).is_file() else ROOT / st.notebook
     try:
-        pm.execute_notebook(
-            str(notebook),
-            str(out),
-            parameters=nb_params,
-            cwd=str(cwd),
-            progress_bar=progress,
-            kernel_name="python3",
-        )
+        with _kernel_env(TQDM_DISABLE="1"):  # no progress bars (with timings) in the record
+            pm.execute_notebook(
+                str(notebook),
+                str(out),
+                parameters=nb_params,
+                cwd=str(cwd),
+                progress_bar=progress,
+                kernel_name="python3",
+            )
     except pm.PapermillExecutionError as exc:
         if exc.ename == StageInputError.__name__:  # a bad input artifact: one line, not a traceback
             raise StageInputError(f"stage {stage}: {exc.evalue} (executed notebook: {out})") from None
         raise
+    normalize_executed(out, st.notebook, st.executed_path(item))
     return out
+
+
+@contextmanager
+def _kernel_env(**env: str) -> Iterator[None]:
+    """Set environment variables for the kernels started inside the block (they inherit ours)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+#: papermill's and Jupyter's per-run metadata: wall-clock times, absolute paths
+_RUN_METADATA = ("duration", "start_time", "end_time")
+
+
+def normalize_executed(path: str | os.PathLike, notebook: str, output: str) -> None:
+    """Make an executed notebook a function of its inputs: drop the times papermill and the kernel
+    record (per notebook and per cell) and write the notebook's paths relative to the study root,
+    and give papermill's injected cell a fixed id, so that a rerun with the same code, params and
+    data gives the same bytes."""
+    import json
+
+    from diffpath.io import write_text_atomic
+
+    nb = json.loads(Path(path).read_text())
+    pm_meta = nb.get("metadata", {}).get("papermill", {})
+    for key in _RUN_METADATA:
+        pm_meta.pop(key, None)
+    pm_meta.update(input_path=notebook, output_path=output)
+    for cell in nb.get("cells", []):
+        meta = cell.get("metadata", {})
+        meta.pop("execution", None)
+        if "injected-parameters" in meta.get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill draws a random id for the cell it adds
+        for key in _RUN_METADATA:
+            meta.get("papermill", {}).pop(key, None)
+    write_text_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def render_html(notebook: str | os.PathLike, target: str | os.PathLike) -> None:
