@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from test_images import write_every_format
 
-from diffpath.study import cache as cache_mod
 from diffpath.cli import main
 from diffpath.data import load_split
 from diffpath.detector import Detector, DetectorError, FeatureError, threshold_at
+from diffpath.study import cache as cache_mod
 
 STEPS = "3"
 FAST = {"cv": 3, "covariance_type": ("diag",)}  # a small GMM grid for the Python-API fits
@@ -79,11 +79,13 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_fit_writes_a_self_describing_detector(world):
     det = world["det"]
-    assert sorted(p.name for p in det.iterdir()) == ["detector.json", "scorer.joblib", "train_scores.npz"]
+    assert sorted(p.name for p in det.iterdir()) == ["detector.json", "scorer.npz", "train_scores.npz"]
     meta = json.loads((det / "detector.json").read_text())
-    assert meta["format"] == "diffpath-detector" and meta["format_version"] == 1
-    assert meta["model"]["spec"] == str(world["model"]) and len(meta["model"]["fingerprint"]["sha256"]) == 64
-    assert "diffusion_pytorch_model.safetensors" in meta["model"]["fingerprint"]["files"]
+    assert meta["format"] == "diffpath-detector" and meta["format_version"] == 2
+    from diffpath.models import load_model
+
+    assert meta["model"]["spec"] == str(world["model"])
+    assert meta["model"]["fingerprint"] == load_model(world["model"]).fingerprint()  # the model's own
     assert meta["preprocessing"] == {"size": 16, "channels": 1, "resize": "auto", "alpha": "composite"}
     assert meta["features"]["method"] == "diffpathv2" and meta["features"]["steps"] == 3
     assert meta["scorer"]["kind"] == "gmm" and meta["scorer"]["sklearn_version"]

@@ -1,4 +1,5 @@
-"""diffpath.data.files: finding, decoding and preprocessing image files (no model needed)."""
+"""diffpath.data.files / discover / export: finding, decoding, preprocessing and writing image
+files (no model needed)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffpath.cli import main
+from diffpath.data.export import export_images
 from diffpath.data.files import (
     ImageReadError,
     ImageSkippedWarning,
     NoImagesError,
     Preprocessing,
-    export_images,
     find_images,
     load_images,
-    main,
     preprocess,
     read_image,
 )
@@ -119,7 +120,6 @@ def test_preprocess_modes_and_sizes():
         for channels in (1, 3):
             x = preprocess(g, Preprocessing(32, channels, resize))
             assert x.shape == (channels, 32, 32) and x.dtype == np.float32
-            assert -1.0 <= x.min() and x.max() <= 1.0
     # pad: odd differences put the extra row/column at the bottom/right, zero (= -1) background
     x = preprocess(g, Preprocessing(32, 1, "pad"))[0]
     np.testing.assert_array_equal(x[2:29, 0:31], g / np.float32(127.5) - 1)
@@ -193,7 +193,68 @@ def test_export_images(tmp_path):
     files = export_images("noise", tmp_path / "out", split="test", n=5)
     assert [f.name for f in files] == [f"{i:05d}.png" for i in range(5)]
     assert read_image(files[0]).shape == (28, 28)
-    assert main(["export", "noise", "--split", "test", "--n", "3", "--format", "bmp",
+    assert main(["export-images", "noise", "--split", "test", "--n", "3", "--format", "bmp",
                  "--out", os.fspath(tmp_path / "bmp")]) == 0
     assert len(find_images(tmp_path / "bmp")) == 3
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+# -- issue 15 ---------------------------------------------------------------------------------
+
+
+def test_symlink_loops_count_each_image_once_and_end(tmp_path):
+    top = tmp_path / "top"
+    (top / "sub").mkdir(parents=True)
+    Image.fromarray(_gray(8, 8)).save(top / "sub" / "a.png")
+    os.symlink("..", top / "sub" / "loop")  # a link back up: the walk must not follow it again
+    assert find_images(top) == [top / "sub" / "a.png"]
+    os.symlink("..", top / "sub" / "loop2")  # two such links made the walk never end
+    assert find_images(top) == [top / "sub" / "a.png"]
+    assert find_images(str(top / "**" / "*.png")) == [top / "sub" / "a.png"]
+    # one file reached under two names (a link to it) is one image
+    os.symlink(top / "sub" / "a.png", top / "alias.png")
+    assert len(find_images(top)) == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file names are bytes")
+def test_non_utf8_file_names_are_found_and_read(tmp_path):
+    Image.fromarray(_gray(8, 8)).save(tmp_path / "ok.png")
+    os.link(os.fsencode(tmp_path / "ok.png"), os.fsencode(tmp_path) + b"/caf\xe9.png")
+    found = find_images(tmp_path)
+    assert len(found) == 2
+    loaded = load_images(found, Preprocessing(8, 1))
+    np.testing.assert_array_equal(loaded.x0[0], loaded.x0[1])
+
+
+def _png_header_only(path: Path, w: int, h: int) -> None:
+    """A valid 1-bit PNG of w×h black pixels (tiny on disk, huge decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"\x00" * ((w + 7) // 8)
+    idat = zlib.compress(row * h, 9)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    from diffpath.data import files
+
+    big = tmp_path / "big.png"
+    _png_header_only(big, 10000, 10000)
+    with pytest.raises(ImageReadError, match="pixel limit"):
+        read_image(big)
+    Image.fromarray(_gray(8, 8)).save(tmp_path / "ok.png")
+    with pytest.warns(ImageSkippedWarning, match="big.png"):
+        loaded = load_images([big, tmp_path / "ok.png"], Preprocessing(8, 1))
+    assert [p.name for p in loaded.paths] == ["ok.png"]
+    assert files.MAX_PIXELS < 10000 * 10000
+
+
+def test_exported_files_have_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        files = export_images("noise", tmp_path / "out", split="test", n=2)
+    finally:
+        os.umask(umask)
+    assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(0o644)] * 2

@@ -1,6 +1,7 @@
 """Image files in, model inputs out: the one place that turns a user's files into ``x0``.
 
-:func:`find_images` expands folders and globs into a sorted list of files; :func:`read_image`
+:func:`find_images` (:mod:`diffpath.data.discover`) expands folders and globs into a sorted
+list of files; :func:`read_image`
 decodes one file into uint8 pixels; :func:`preprocess` turns those pixels into the model's input.
 A :class:`Preprocessing` names the whole recipe (size, channels, resize mode, alpha handling) and
 is saved with a detector, so that ``diffpath fit`` and ``diffpath score`` run the *same* function
@@ -54,56 +55,52 @@ Channels are matched first (RGB → gray by ITU-R 601-2 luma, gray → RGB by re
 
 Finally pixels are scaled to [-1, 1] by ``x / 127.5 − 1``.
 
-Exporting demo images
----------------------
-``python -m diffpath.data.files export fashion_mnist --split train --n 500 --out demo/normal`` writes
-images of any registered data set (:func:`diffpath.data.load_split`) as PNG files, for trying
-``diffpath fit`` / ``diffpath score`` offline.
+Size limit
+----------
+An image larger than :data:`MAX_PIXELS` (50 million pixels, e.g. 8000×6250) is refused *before*
+its pixels are decoded (it is skipped with a warning, or an error under ``strict``): the models
+see at most a few hundred pixels a side, and a 10000×10000 image would take gigabytes to decode.
+Set ``diffpath.data.files.MAX_PIXELS`` to change it.
+
+Demo images: ``diffpath export-images`` (:mod:`diffpath.data.export`).
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
 import os
 import struct
-import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from diffpath.data.discover import IMAGE_EXTENSIONS, NoImagesError, find_images
 from diffpath.io import InputError
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "RESIZE_MODES",
     "ALPHA_MODES",
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "RESIZE_MODES",
     "ImageReadError",
-    "NoImagesError",
     "ImageSkippedWarning",
-    "Preprocessing",
     "LoadedImages",
+    "NoImagesError",
+    "Preprocessing",
     "find_images",
-    "read_image",
-    "preprocess",
     "load_images",
-    "export_images",
-    "main",
+    "preprocess",
+    "read_image",
 ]
 
-#: File name extensions (lower case) that folder expansion picks up.
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif"}
-)
 RESIZE_MODES: tuple[str, ...] = ("auto", "pad", "bilinear", "center-crop")
 ALPHA_MODES: tuple[str, ...] = ("composite", "drop")
+#: Images with more pixels (width × height) are refused before decoding (see the module docstring).
+MAX_PIXELS: int = 50_000_000
 
-_GLOB_CHARS = set("*?[")
 
 
 class ImageReadError(InputError):
@@ -115,93 +112,8 @@ class ImageReadError(InputError):
         super().__init__(f"{path}: cannot read image ({reason})")
 
 
-class NoImagesError(InputError):
-    """An input (folder, glob, file list) that yields no usable image."""
-
-
 class ImageSkippedWarning(UserWarning):
     """An unreadable image was skipped (not under ``strict``)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# finding files
-
-
-def _is_glob(s: str) -> bool:
-    return any(c in s for c in _GLOB_CHARS)
-
-
-def _has_image_ext(p: Path, extensions: Iterable[str]) -> bool:
-    return p.suffix.lower() in extensions
-
-
-def _walk(folder: Path, extensions: frozenset[str]) -> list[Path]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip hidden folders (.git, work dirs)
-        for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
-                found.append(Path(root) / name)
-    return sorted(found, key=lambda p: p.as_posix())
-
-
-def find_images(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    extensions: Iterable[str] = IMAGE_EXTENSIONS,
-) -> list[Path]:
-    """Expand files, folders and globs into a list of image files.
-
-    * a folder: every file below it (recursively; hidden files and folders skipped) whose
-      extension is in ``extensions`` (case-insensitive), sorted by path;
-    * a glob (``*``, ``?``, ``[``; ``**`` recurses): the matching files with an image extension,
-      sorted, and matching folders expanded as above;
-    * a file: taken as is, whatever its extension (it is decoded by content).
-
-    Inputs are expanded in the order given; a file reached twice is kept once (first place).
-
-    Raises:
-        NoImagesError: an input that does not exist, a folder or glob that matches no image, or
-            no images at all.
-    """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    exts = frozenset(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
-    if not inputs:
-        raise NoImagesError("no input images given")
-    out: list[Path] = []
-    seen: set[str] = set()
-    for item in inputs:
-        s = os.fspath(item)
-        p = Path(s)
-        if p.is_dir():
-            found = _walk(p, exts)
-            if not found:
-                raise NoImagesError(
-                    f"{s}: folder holds no images (looked for {', '.join(sorted(exts))}, recursively)"
-                )
-        elif p.is_file():
-            found = [p]
-        elif _is_glob(s):
-            found = []
-            for m in sorted(glob.glob(s, recursive=True)):
-                mp = Path(m)
-                if mp.is_dir():
-                    found.extend(_walk(mp, exts))
-                elif mp.is_file() and _has_image_ext(mp, exts):
-                    found.append(mp)
-            if not found:
-                raise NoImagesError(f"{s}: no images matched")
-        else:
-            raise NoImagesError(f"{s}: no such file or folder")
-        for f in found:
-            key = os.path.normcase(os.path.abspath(f))
-            if key not in seen:
-                seen.add(key)
-                out.append(f)
-    if not out:  # pragma: no cover - every branch above raises first
-        raise NoImagesError("no images found")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,8 +220,8 @@ def read_image(path: str | os.PathLike, *, alpha: str = "composite") -> np.ndarr
         alpha: ``"composite"`` (over black) or ``"drop"``; see the module docstring.
 
     Raises:
-        ImageReadError: the file is missing, truncated, corrupt, not an image, too large for
-            Pillow's decompression-bomb limit, or of an unsupported mode.
+        ImageReadError: the file is missing, truncated, corrupt, not an image, over
+            :data:`MAX_PIXELS` (checked before decoding), or of an unsupported mode.
     """
     from PIL import Image, ImageOps
 
@@ -317,7 +229,14 @@ def read_image(path: str | os.PathLike, *, alpha: str = "composite") -> np.ndarr
         raise ValueError(f"alpha must be one of {', '.join(ALPHA_MODES)}, got {alpha!r}")
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # our own limit below, with a clearer message
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im_ctx = Image.open(path)
+        with im_ctx as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise ImageReadError(path, f"{w}×{h} = {w * h} pixels is over the pixel limit of "
+                                     f"{MAX_PIXELS} (diffpath.data.files.MAX_PIXELS); shrink it first")
             im.load()
             bits = _declared_bits(im, path) if im.mode.startswith("I") else None
             try:  # (returns a copy, without .format: read the declared depth first)
@@ -507,84 +426,3 @@ def load_images(
             f"(first: {skipped[0][0]}: {skipped[0][1]})"
         )
     return LoadedImages(x0=x0[: len(kept)], paths=kept, skipped=skipped)
-
-
-# ----------------------------------------------------------------------------------------------
-# export of demo images
-
-
-def export_images(
-    dataset: str,
-    out: str | os.PathLike,
-    *,
-    split: str = "train",
-    n: int | None = None,
-    seed: int = 0,
-    fmt: str = "png",
-) -> list[Path]:
-    """Write images of a registered data set (:func:`diffpath.data.load_split`) as files.
-
-    Files are named ``00000.png``, ``00001.png``, ... in the subset's order; each is written
-    atomically. Returns the files written.
-    """
-    from PIL import Image
-
-    from diffpath.data import load_split
-
-    fmt = fmt.lower().lstrip(".")
-    pil_format = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "bmp": "BMP", "tif": "TIFF",
-                  "tiff": "TIFF", "webp": "WEBP"}.get(fmt)
-    if pil_format is None:
-        raise ValueError(f"unsupported export format {fmt!r}; choose png, jpg, bmp, tiff or webp")
-    sp = load_split(dataset, split, n=n, seed=seed)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    width = max(5, len(str(max(len(sp) - 1, 0))))
-    written = []
-    for i, img in enumerate(sp.images):
-        target = out / f"{i:0{width}d}.{fmt}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out)
-        os.close(fd)
-        try:
-            Image.fromarray(np.ascontiguousarray(img)).save(tmp, format=pil_format)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        written.append(target)
-    return written
-
-
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dataset", help="a registered data set (e.g. fashion_mnist, mnist, letters, noise)")
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--n", type=int, default=None, help="how many images (default: the whole split)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
-    p.add_argument("--format", default="png", help="png (default), jpg, bmp, tiff or webp")
-    p.add_argument("--out", required=True, help="output folder")
-
-
-def run_export(args: argparse.Namespace) -> None:
-    files = export_images(args.dataset, args.out, split=args.split, n=args.n, seed=args.seed,
-                          fmt=args.format)
-    print(f"wrote {len(files)} images of {args.dataset}/{args.split} to {args.out}", file=sys.stderr)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffpath.data.files export DATASET --split train --n 500 --out DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m diffpath.data.files",
-                                     description="Image helpers of diffpath.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    e = sub.add_parser("export", help="write a data set's images as files (offline demo data)")
-    add_export_arguments(e)
-    args = parser.parse_args(argv)
-    try:
-        run_export(args)
-    except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"diffpath: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -12,7 +12,9 @@
   ``scheduler/``, or a bare UNet folder with ``config.json``);
 * an improved-diffusion checkpoint ``NAME.pt`` with its settings in ``NAME.json`` (or ``NAME.yaml``)
   beside it: the format of DiffPath's released CelebA-32 and ImageNet-64 models;
-* a Hugging Face hub id (only for users who are online; imported lazily).
+* a Hugging Face hub id (only for users who are online; imported lazily);
+* a known released checkpoint by short name (``diffpath-celeba32``) or ``hub:OWNER/REPO/FILE.pt``
+  (:mod:`diffpath.models.zoo`: fetched into the Hugging Face cache, settings carried by diffpath).
 """
 
 from __future__ import annotations
@@ -302,6 +304,11 @@ def _read_settings(pt: Path) -> dict[str, Any]:
             if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
                 data = {**data, **data["model"]}
             return data
+    from .zoo import zoo_settings_for
+
+    known = zoo_settings_for(pt)  # a released checkpoint: its settings are carried by diffpath
+    if known is not None:
+        return known
     raise ModelLoadError(
         f"{pt}: no settings file beside the checkpoint (expected {pt.with_suffix('.json').name} "
         "holding improved-diffusion's model_and_diffusion_defaults keys)"
@@ -342,7 +349,13 @@ def load_model(
     device: str | torch.device = "cpu",
     options: RunOptions | None = None,
 ) -> EpsModel:
-    """Load an ε-model from a diffusers folder, an improved-diffusion ``.pt`` or a hub id."""
+    """Load an ε-model from a diffusers folder, an improved-diffusion ``.pt``, a hub id, a short
+    name of :mod:`diffpath.models.zoo` (``diffpath-celeba32``) or ``hub:OWNER/REPO/FILE.pt``
+    (the last two are fetched into the Hugging Face cache)."""
+    from .zoo import is_remote_spec, resolve_spec
+
+    if is_remote_spec(spec):
+        spec = resolve_spec(spec)
     path = Path(spec)
     if path.suffix in (".pt", ".pth", ".ckpt"):
         if not path.is_file():
