@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from diffpath.io import atomic_folder
+from diffpath.io import atomic_folder, json_default
 
 __all__ = [
     "FORMAT",
@@ -55,7 +55,7 @@ def write_folder(path: str | os.PathLike, meta: dict[str, Any], scorer: Any, tra
         desc = save_scorer(scorer, tmp / SCORER_FILE)
         np.savez(tmp / SCORES_FILE, scores=np.asarray(train_scores, np.float64),
                  paths=np.asarray(train_paths, dtype=str))
-        meta = json.loads(json.dumps(meta, default=_json_default))
+        meta = json.loads(json.dumps(meta, default=json_default))
         meta["scorer"].update(file=SCORER_FILE, arrays=desc, sha256=_sha256_file(tmp / SCORER_FILE))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path, meta
@@ -135,15 +135,3 @@ def _sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
         while chunk := fh.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    return str(o)

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_path",
     "atomic_paths",
     "check_writable",
+    "json_default",
     "load_images_npz",
     "save_npz_atomic",
     "write_bytes_atomic",
@@ -164,10 +165,11 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps``' fallback for numpy scalars and arrays and paths (anything else is an error)."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

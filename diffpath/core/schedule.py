@@ -15,7 +15,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,8 +145,8 @@ class NoiseSchedule:
         """ᾱ_t for t = 0..T-1, float64 ``(T,)``."""
         return np.cumprod(1.0 - self.betas)
 
-    def alpha_bar(self, timesteps) -> np.ndarray:
-        """ᾱ at the given integer timesteps (float64)."""
+    def alpha_bar(self, timesteps: int | Sequence[int] | np.ndarray) -> np.ndarray:
+        """ᾱ at the given integer timesteps (float64, the shape of ``timesteps``)."""
         t = np.asarray(timesteps, dtype=np.int64)
         if np.any(t < 0) or np.any(t >= self.num_timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
@@ -156,7 +156,7 @@ class NoiseSchedule:
         """The ``n_steps`` original timesteps a DDIM-``n_steps`` process visits (ascending)."""
         return space_timesteps(self.num_timesteps, n_steps)
 
-    def respace(self, timesteps) -> NoiseSchedule:
+    def respace(self, timesteps: Sequence[int]) -> NoiseSchedule:
         """The schedule of the process that keeps only ``timesteps``; its betas are re-derived
         from the kept ᾱ values (``β_k = 1 − ᾱ_k/ᾱ_{k−1}``, with ᾱ_{−1} = 1)."""
         kept = self.alpha_bar(sorted(timesteps))
@@ -164,7 +164,7 @@ class NoiseSchedule:
         return NoiseSchedule(1.0 - kept / prev, name=f"{self.name}-respaced")
 
 
-def alphas_cumprod_of(model, alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
+def alphas_cumprod_of(model: Any, alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
     """ᾱ (float64) given explicitly, or else from ``model.schedule`` (an :class:`EpsModel`)."""
     if alphas_cumprod is not None:
         return np.asarray(alphas_cumprod, dtype=np.float64)

@@ -66,7 +66,8 @@ def _six(m: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
     }
 
 
-def diffpath_statistics(eps_moments, deps_moments) -> dict[str, np.ndarray]:
+def diffpath_statistics(eps_moments: np.ndarray | torch.Tensor,
+                        deps_moments: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
     """The twelve DiffPath statistics, each (B,) float64, from (B, T, 5) and (B, T−1, 5) moments."""
     eps = _six(as_moments(eps_moments), "eps_sum")
     deps = _six(as_moments(deps_moments), "deps_dt")

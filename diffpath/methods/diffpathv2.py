@@ -253,7 +253,7 @@ def score_error_path(
 
 
 def diffpathv2_features(
-    err_moments, derr_moments, *, kind: str = "norm", derivative: bool = True
+    err_moments: np.ndarray | torch.Tensor, derr_moments: np.ndarray | torch.Tensor, *, kind: str = "norm", derivative: bool = True
 ) -> np.ndarray:
     """DiffPathV2's feature from per-step moments of an error and of its derivative.
 

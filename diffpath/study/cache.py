@@ -35,7 +35,7 @@ import json
 import queue
 import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -210,7 +210,7 @@ def compute_cache(
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
-    barrier=None,
+    barrier: Callable[[], None] | None = None,
     work_dir: str | Path | None = None,
     keep_finished: bool = False,
 ) -> dict[str, np.ndarray] | None:

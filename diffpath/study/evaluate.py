@@ -80,7 +80,7 @@ def fit_method_scorer(
     gmm: Mapping[str, Any] | None = None,
     kde: Mapping[str, Any] | None = None,
     kde_standardize: Iterable[str] = (),
-):
+) -> Any:
     """Fit ``method``'s scorer on its features of ``train_cache``.
 
     Args:
@@ -97,7 +97,7 @@ def fit_method_scorer(
     return est.fit(X)
 
 
-def score_caches(scorer, method: str, caches: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def score_caches(scorer: Any, method: str, caches: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Log-density scores of every image in each cache: ``{name: (N,)}``."""
     m = get_method(method)
     return {name: scorer.score_samples(m.features(c)) for name, c in caches.items()}

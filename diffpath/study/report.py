@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -121,8 +122,8 @@ def to_latex(table: pd.DataFrame, caption: str = "", label: str = "", bold_max: 
     return "\n".join(out) + "\n"
 
 
-def plot_histograms(scores: Mapping[str, np.ndarray], in_dist: str, ood: str, ax=None,
-                    title: str | None = None, bins: int = 40):
+def plot_histograms(scores: Mapping[str, np.ndarray], in_dist: str, ood: str, ax: Any = None,
+                    title: str | None = None, bins: int = 40) -> Any:
     """The papers' score histogram: in-distribution (blue) vs OOD (orange) log-densities."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -142,7 +143,7 @@ def plot_histograms(scores: Mapping[str, np.ndarray], in_dist: str, ood: str, ax
     return ax
 
 
-def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], ax=None, title: str = ""):
+def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], ax: Any = None, title: str = "") -> Any:
     """ROC curves: ``{label: (fpr, tpr, auroc)}``."""
     import matplotlib.pyplot as plt
 
@@ -159,7 +160,7 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], ax=None
     return ax
 
 
-def save_figure(fig, path: str | Path, dpi: int = 120) -> None:
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> None:
     """Save a figure atomically."""
     from diffpath.io import atomic_path
 
