@@ -84,7 +84,7 @@ def study(tmp_path_factory, tiny_model):
     for d in p["data"]["datasets"]:
         run_stage("data", d, params=p, cwd=work)
         run_stage("errors", d, params=p, cwd=work)
-    for stage in ("scorers", "evaluate", "report", "walkthrough"):
+    for stage in ("scorers", "evaluate", "report", "walkthrough", "timesteps"):
         run_stage(stage, params=p, cwd=work)
     return work, p
 
@@ -119,6 +119,10 @@ def test_chain_produces_results(study):
     assert (work / "reports/figures/report/hist_fashion_mnist.png").stat().st_size > 1000
     assert (work / "reports/figures/report/roc_fashion_mnist.png").stat().st_size > 1000
     assert (work / "reports/figures/walkthrough/feature_space.png").is_file()
+    # timesteps: every contiguous window of 3 steps (6) or 2 derivative steps (3), 3 families
+    # each, against 2 OOD sets
+    ts = pd.read_csv(work / "reports/timesteps.csv")
+    assert len(ts) == (3 * 6 + 3 * 3) * 2 and set(ts["ood"]) == {"mnist", "noise"}
     # the cache holds per-step moments and a few maps, and no leftover work files
     with np.load(work / "data/errors/fashion_mnist/train.npz") as z:
         assert z["dp_eps"].shape == (48, 3, 5) and z["v2_dwerr"].shape == (48, 2, 5)
