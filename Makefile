@@ -1,5 +1,6 @@
 # diffpath: the two commands of the README are `make repro` and `make test`.
-# Both create the virtual environment at .venv/ (CPU PyTorch) on first use.
+# Both create the virtual environment at .venv/ on first use, installing exactly the
+# lock file requirements/cpu.lock.txt (CPU PyTorch); `make lock` refreshes the lock.
 
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
@@ -7,20 +8,46 @@ STAMP   := $(VENV)/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps repro test paper clean-venv
+# The locks: every package with its exact version and sha256 hashes (pip-compile output).
+LOCK     := requirements/cpu.lock.txt
+GPU_LOCK := requirements/paper-gpu.lock.txt
+# The installer and the lock tool are pinned too.
+PIP_PIN       := pip==26.3
+PIP_TOOLS_PIN := pip-tools==7.6.2
+LOCK_TOOLS    := $(VENV)/.lock-tools
+# `make lock` keeps every pin that still satisfies the inputs; to move versions:
+#   make lock LOCK_ARGS=--upgrade                      (everything)
+#   make lock LOCK_ARGS="--upgrade-package pillow"     (one package)
+LOCK_ARGS ?=
+COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --quiet \
+	--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	$(LOCK_ARGS)
 
-$(STAMP): pyproject.toml
+.PHONY: setup setup-gpu system-deps repro test paper lab lock clean-venv
+
+# Installs the lock and nothing else (--no-deps: pip resolves nothing; --require-hashes:
+# every file is checked), then the project itself. The stamp records the lock's sha256:
+# an unchanged lock is not reinstalled, a changed one is.
+define install_lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch; a looser pin would pull a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[study,dev]"
-	touch $(STAMP)
+	$(PY) -m pip install -q $(PIP_PIN)
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(1)
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
+	sha256sum $(1) > $(STAMP)
+endef
+
+$(STAMP): $(LOCK) pyproject.toml
+	$(call install_lock,$(LOCK))
 
 system-deps:
 	@test -d $(FMNIST) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
 setup: system-deps $(STAMP)
+
+## the paper profile's GPU environment (x86_64, CUDA torch 2.14.1 + torchvision 0.29.1)
+setup-gpu: system-deps
+	$(call install_lock,$(GPU_LOCK))
 
 ## the main job: rebuild every table and figure of the embedded profile
 repro: setup
@@ -31,9 +58,28 @@ test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 ## the paper profile (needs the internet, a GPU, and the weights; see README): checks, then repro
+## Installs torchvision (built for the installed torch) and gdown, fetches the model and the data,
+## switches params.yaml/dvc.lock to the paper profile, runs dvc repro; offline it lists what is missing.
+## Options: NO_GPU=1, MODEL=<local .pt | diffusers folder | hub id | zoo name>, DATA_ROOT=<folder>
 paper: setup
-	$(PY) -m diffpath.study.profiles paper
+	$(PY) -m diffpath.study.profiles paper $(if $(NO_GPU),--no-gpu) $(if $(MODEL),--model "$(MODEL)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+## JupyterLab on notebooks/, with the project's kernel "Python (diffpath)" (.venv's Python)
+LAB_ARGS ?=
+LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+lab: setup
+	$(PY) -m ipykernel install --sys-prefix --name diffpath --display-name "Python (diffpath)"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m jupyterlab --ServerApp.root_dir=notebooks \
+		--MultiKernelManager.default_kernel_name=diffpath $(LAB_ROOT) $(LAB_ARGS)
+
+## refresh the locks from pyproject.toml and requirements/*.in (needs the package index;
+## about 10 minutes each); then update environment.yml's pins and run tests/test_environment.py
+lock:
+	test -x $(LOCK_TOOLS)/bin/pip-compile || { python3 -m venv $(LOCK_TOOLS) && \
+		$(LOCK_TOOLS)/bin/pip install -q $(PIP_PIN) $(PIP_TOOLS_PIN); }
+	$(COMPILE) --extra study --extra dev -o $(LOCK) pyproject.toml requirements/cpu.in
+	$(COMPILE) --extra study --extra dev --extra paper -o $(GPU_LOCK) pyproject.toml requirements/paper-gpu.in
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,9 +18,30 @@ from diffpath import data as D
 EMBEDDED = ["fashion_mnist", "mnist", "digits", "letters", "photos", "textures", "faces", "noise"]
 PAPER = ["cifar10", "cifar100", "svhn", "celeba", "textures_dtd"]
 
+# The checksums below were pinned with these versions (the ones in requirements/cpu.lock.txt;
+# FreeType is the copy bundled in Pillow's wheel). letters is rendered by FreeType through
+# Pillow from matplotlib's bundled fonts: a different Pillow/FreeType may move a few grey
+# levels; numpy and scikit-image do the resizing and conversions of every set.
+PINNED_WITH = {"pillow": "13.0.0", "freetype2": "2.14.3", "numpy": "2.4.6", "scikit-image": "0.26.0", "matplotlib": "3.11.2"}
+
+
+def _versions_found() -> dict[str, str]:
+    from importlib.metadata import version
+
+    from PIL import features
+
+    found = {k: version(k) for k in PINNED_WITH if k != "freetype2"}
+    found["freetype2"] = str(features.version("freetype2"))
+    return {k: found[k] for k in PINNED_WITH}
+
+
+def _versions_note() -> str:
+    found = _versions_found()
+    diff = [f"{k} {PINNED_WITH[k]} (found {found[k]})" for k in PINNED_WITH if found[k] != PINNED_WITH[k]]
+    return "pinned with " + (", ".join(diff) if diff else "the same versions as found: " + str(found))
+
+
 # prepare(name, "test", n=n, size=32, channels=1): sha256 of "images" and of "x0".
-# letters is rendered by FreeType through Pillow: pinned with Pillow 13.0.0 / FreeType 2.14.3 /
-# matplotlib's bundled fonts; a different FreeType may move a few grey levels.
 PINNED_PREPARED = {
     "fashion_mnist": (64, "845e3e2591826cc0a2d411afb582ee6b9da9b1453a3cee6c7802ef5529e91a37", "1fd051924be5f04de668edde5d811b9ae9a3001c69484e6c5f4b0db0c2a84c0d"),
     "mnist": (64, "21e283989bff57a4956653a49793acf681fb014d0ecc0ae01812d11086bafe6d", "6591925a8fa2981c44fe95f70f7e6fb97ed2460392aedc3a77e5887f29afcb2f"),
@@ -133,7 +154,7 @@ def test_embedded_pinned_checksums(name):
     out = D.prepare(name, "test", n=n, size=32, channels=1)
     assert out["x0"].shape == (n, 1, 32, 32) and out["x0"].dtype == np.float32
     assert out["images"].dtype == np.uint8 and out["labels"].shape == (n,)
-    msg = f"{name}: data recipe changed (PIL {Image.__version__})"
+    msg = f"{name}: data recipe changed, or a dependency moved: {_versions_note()}"
     assert D.checksum(out["images"]) == sha_images, msg
     assert D.checksum(out["x0"]) == sha_x0, msg
     for split in ("train", "test"):
