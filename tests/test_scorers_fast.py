@@ -8,14 +8,14 @@ between grid points (≥ 1e-3 here) and far above rounding, so a wrong formula (
 wrong fold, a different initialisation) fails.
 """
 
-import warnings
 
 import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture
 from sklearn.preprocessing import StandardScaler
 
-from diffpath.scoring.gmm import BatchedEM, kmeans_labels
+from diffpath.scoring.gmm import BatchedEM, kmeans_labels, run_tasks
+from diffpath.scoring.gmm_search import fast_grid_search
 from diffpath.scoring.kde import gaussian_kde_log_density
 from diffpath.scoring.metrics import auroc
 from diffpath.scoring.scorers import GMMScorer, KDEScorer
@@ -45,6 +45,36 @@ def test_batched_em_is_sklearns_em(cov):
     np.testing.assert_allclose(res.weights[0], gm.weights_, atol=ATOL)
     np.testing.assert_allclose(res.covariances[0], gm.covariances_, atol=ATOL)
     assert abs(res.lower_bound[0] - gm.lower_bound_) < ATOL
+
+
+@pytest.mark.parametrize("cov", ["full", "tied", "diag", "spherical"])
+def test_fold_at_a_time_em_is_sklearns_em(cov):
+    """The CPU path (one problem, training rows only, small row chunks) against scikit-learn."""
+    X = StandardScaler().fit_transform(_features(600, 0))
+    (lab,) = kmeans_labels([X[:500]], 6, random_state=0)
+    res = BatchedEM(cov, max_iter=200).fit_rows(X[:500], lab, 6, X_test=X[500:], rows=70)
+    gm = GaussianMixture(6, covariance_type=cov, max_iter=200, random_state=0).fit(X[:500])
+    assert res.n_iter[0] == gm.n_iter_ and bool(res.converged[0]) == gm.converged_
+    np.testing.assert_allclose(res.means[0], gm.means_, atol=ATOL)
+    np.testing.assert_allclose(res.covariances[0], gm.covariances_, atol=ATOL)
+    assert abs(res.lower_bound[0] - gm.lower_bound_) < ATOL
+    assert abs(res.heldout[0] - gm.score(X[500:])) < ATOL
+
+
+def test_threads_give_the_serial_result_bit_for_bit():
+    """n_jobs threads share the (grid point, fold) problems; each is computed alone with one BLAS
+    thread, so the scores are identical, not merely close."""
+    from sklearn.model_selection import KFold
+
+    X = _features(700, 8)
+    splits = list(KFold(3, shuffle=True, random_state=0).split(X))
+    args = (X, (3, 5), ("full", "tied", "diag", "spherical"), splits)
+    one = fast_grid_search(*args, max_iter=60, device="cpu", n_jobs=1)
+    two = fast_grid_search(*args, max_iter=60, device="cpu", n_jobs=2)
+    np.testing.assert_array_equal(one["split_scores"], two["split_scores"])
+    np.testing.assert_array_equal(one["n_iter"], two["n_iter"])
+    assert one["best_params"] == two["best_params"]
+    assert run_tasks([lambda i=i: i * i for i in range(7)], n_jobs=3) == [i * i for i in range(7)]
 
 
 def test_grid_search_chooses_sklearns_point_with_same_scores():

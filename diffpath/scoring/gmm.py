@@ -34,7 +34,7 @@ import torch
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 
-__all__ = ["kmeans_labels", "BatchedEM", "EMResult", "COVARIANCE_TYPES"]
+__all__ = ["COVARIANCE_TYPES", "BatchedEM", "EMResult", "kmeans_labels", "kmeans_one", "run_tasks"]
 
 COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 _EPS10 = 10 * np.finfo(np.float64).eps  # scikit-learn adds this to every N_k
@@ -53,15 +53,38 @@ def kmeans_labels(Xs: Sequence[np.ndarray], n_components: int, random_state: int
         one label array (N_i,) per input, values in [0, K).
     """
 
-    def one(X: np.ndarray) -> np.ndarray:
-        rs = np.random.RandomState(random_state) if random_state is not None else None
-        with threadpool_limits(limits=1):
-            return KMeans(n_clusters=n_components, n_init=1, random_state=rs).fit(X).labels_
+    return run_tasks([lambda X=X: kmeans_one(X, n_components, random_state) for X in Xs], n_jobs)
 
-    if n_jobs > 1 and len(Xs) > 1:
-        with ThreadPoolExecutor(max_workers=n_jobs) as pool:
-            return list(pool.map(one, Xs))
-    return [one(X) for X in Xs]
+
+def kmeans_one(X: np.ndarray, n_components: int, random_state: int | None) -> np.ndarray:
+    """``KMeans(n_init=1)`` labels of X, with one OpenMP thread (its result does not depend on the
+    thread count then: several threads sum the chunks' centres in the order they finish)."""
+    rs = np.random.RandomState(random_state) if random_state is not None else None
+    # OpenMP's thread count is a per-thread setting, so this holds in a worker thread too
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return KMeans(n_clusters=n_components, n_init=1, random_state=rs).fit(X).labels_
+
+
+def run_tasks(tasks: Sequence, n_jobs: int = 1) -> list:
+    """Call each task (a function of no arguments) and return the results in order.
+
+    With ``n_jobs > 1`` they run in that many threads: the work is NumPy/BLAS, torch and
+    scikit-learn's Cython k-means, which release the GIL. BLAS is held to one thread meanwhile
+    (process-wide), so every task computes exactly what it computes alone: the results do not
+    depend on ``n_jobs`` (tests/test_scorers_fast.py checks this bit for bit).
+    """
+    tasks = list(tasks)
+    if n_jobs <= 1 or len(tasks) <= 1:
+        with threadpool_limits(limits=1, user_api="blas"):
+            return [t() for t in tasks]
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's intra-op pool too: n_jobs threads in all
+    try:
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=n_jobs) as pool:
+            futures = [pool.submit(t) for t in tasks]
+            return [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(torch_threads)
 
 
 @dataclass
@@ -235,15 +258,131 @@ class BatchedEM:
                 G += self._bmm(e.transpose(1, 2), ph * (wc[..., None] / tot))
         if not want_stats:
             return ll_train, ll_test, None, None, None
+        return (ll_train, ll_test, *self._unpack(G, D))
+
+    def _pass_rows(self, phi: np.ndarray, theta: np.ndarray, pc_tied: np.ndarray | None, rows: int,
+                   want_stats: bool) -> tuple[float, np.ndarray | None]:
+        """:meth:`_pass` for one problem whose rows all train, on the CPU, in row chunks (NumPy's
+        BLAS for the two matrix products, torch's vectorised exp in place).
+
+        Args: phi (N, P) C-contiguous; theta (P, K); pc_tied (D, D) for tied, else None.
+        Returns: the summed log-likelihood and G = Σ_n r_nk phi_n (K, P) (or None).
+        """
+        N, P = phi.shape
+        K = theta.shape[1]
+        buf = np.empty((min(rows, N), K))
+        tbuf = torch.from_numpy(buf)  # shares memory: torch's vectorised exp, in place
+        G = np.zeros((K, P)) if want_stats else None
+        ll = 0.0
+        for i in range(0, N, rows):
+            ph = phi[i:i + rows]
+            n = len(ph)
+            lp = buf[:n]
+            np.matmul(ph, theta, out=lp)  # (n, K) log π_k + log N(x | k)
+            mx = lp.max(axis=1)
+            lp -= mx[:, None]
+            tbuf[:n].exp_()
+            tot = lp.sum(axis=1)
+            norm = mx + np.log(tot)
+            if pc_tied is not None:
+                y = ph[:, 1:] @ pc_tied
+                norm -= 0.5 * np.einsum("nd,nd->n", y, y)
+            ll += float(norm.sum())
+            if want_stats:
+                G += lp.T @ (ph / tot[:, None])
+        return ll, G
+
+    def fit_rows(self, X: np.ndarray, labels: np.ndarray, n_components: int,
+                 X_test: np.ndarray | None = None, rows: int | None = None) -> EMResult:
+        """EM for one problem (B = 1) on the CPU: the fold-at-a-time path of the grid search.
+
+        Same algorithm and stopping rule as :meth:`fit`; it passes over the training rows only and
+        scores ``X_test`` (the held-out fold) once, under the final parameters.
+
+        Args:
+            X: (N, D) standardised training rows. labels: (N,) their k-means labels.
+            X_test: (M, D) held-out rows, or None (``heldout`` is then NaN).
+            rows: rows per chunk; default ``131072 // K`` (a 1 MiB chunk of log-densities: measured
+                ~30% faster per iteration than one chunk of all rows, and than 256 KiB chunks).
+        """
+        if self.device.type != "cpu":
+            raise ValueError("fit_rows runs on the CPU; use fit for a batched GPU problem")
+        K = int(n_components)
+        rows = int(rows) if rows else max(64, 131072 // K)
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        N, D = X.shape
+        Xt = torch.from_numpy(X)[None]
+        wt = torch.ones(1, N, dtype=torch.float64)
+        eye = torch.eye(D, dtype=torch.float64)
+        xtx = (Xt[0].T @ Xt[0])[None] if self.cov == "tied" else None
+        phi = self._phi(Xt)[0].numpy()
+        means, cov, pc, log_det, log_w, ok = self._init(Xt, wt, labels[None], K, xtx, eye)
+        failed, converged, n_iter, lower = not bool(ok[0]), False, 0, -math.inf
+        for it in range(1, self.max_iter + 1):
+            if failed:
+                break
+            theta = self._theta(means, pc, log_det, log_w)[0].numpy()
+            ll, G = self._pass_rows(phi, theta, pc[0].numpy() if self.cov == "tied" else None, rows, True)
+            nk, s1, s2 = self._unpack(torch.from_numpy(G)[None], D)
+            nk = nk + _EPS10
+            m, c, p, ld, ok = self._params(nk, s1, s2, xtx, eye)
+            new_lb = ll / N
+            change = new_lb - lower
+            lower, n_iter = new_lb, it
+            if not bool(ok[0]):  # scikit-learn raises; the grid search scores it -inf
+                failed = True
+                break
+            means, cov, pc, log_det = m, c, p, ld
+            log_w = torch.log(nk / nk.sum(-1, keepdim=True))
+            if abs(change) < self.tol:
+                converged = True
+                break
+        heldout = math.nan
+        if failed:
+            heldout = -math.inf
+        elif X_test is not None and len(X_test):
+            Tt = torch.from_numpy(np.ascontiguousarray(X_test, dtype=np.float64))[None]
+            theta = self._theta(means, pc, log_det, log_w)[0].numpy()
+            lt, _ = self._pass_rows(self._phi(Tt)[0].numpy(), theta,
+                                    pc[0].numpy() if self.cov == "tied" else None, rows, False)
+            heldout = lt / len(X_test)
+        cpu = lambda t: t.detach().cpu().numpy()
+        return EMResult(weights=cpu(torch.exp(log_w)), means=cpu(means), covariances=cpu(cov),
+                        precisions_cholesky=cpu(pc), lower_bound=np.array([lower]),
+                        heldout=np.array([heldout]), n_iter=np.array([n_iter]),
+                        converged=np.array([converged]), failed=np.array([failed]))
+
+    def _init(self, Xt, wt, labels, K, xtx, eye):
+        """Initial parameters from one-hot k-means responsibilities (weights N_k / N, not
+        renormalised, as scikit-learn). Xt (b, N, D), wt (b, N), labels (b, N)."""
+        B, N, _ = Xt.shape
+        lab = torch.as_tensor(labels, dtype=torch.long, device=Xt.device).clamp_(0, K - 1)
+        R0 = torch.zeros(B, N, K, dtype=torch.float64, device=Xt.device)
+        R0.scatter_(2, lab[..., None], wt[..., None])
+        nk = R0.sum(1) + _EPS10
+        s1 = torch.bmm(R0.transpose(1, 2), Xt)
+        if self.cov == "full":
+            s2 = torch.einsum("bnk,bnd,bne->bkde", R0, Xt, Xt)
+        elif self.cov == "tied":
+            s2 = None
+        else:
+            s2 = torch.bmm(R0.transpose(1, 2), Xt * Xt)
+        del R0
+        means, cov, pc, log_det, ok = self._params(nk, s1, s2, xtx, eye)
+        log_w = torch.log(nk / wt.sum(-1)[:, None])
+        return means, cov, pc, log_det, log_w, ok
+
+    def _unpack(self, G, D):
+        """nk, s1, s2 from the accumulated ``G = Σ_n r_nk phi_n`` (b, K, P)."""
         nk, s1, s2 = G[..., 0], G[..., 1:1 + D], None
         if self.cov == "full":
-            iu, ju = torch.triu_indices(D, D, device=phi.device)
-            s2 = phi.new_zeros(b, K, D, D)
+            iu, ju = torch.triu_indices(D, D, device=G.device)
+            s2 = G.new_zeros(*G.shape[:2], D, D)
             s2[..., iu, ju] = G[..., 1 + D:]
             s2[..., ju, iu] = G[..., 1 + D:]
         elif self.cov != "tied":
             s2 = G[..., 1 + D:]
-        return ll_train, ll_test, nk, s1, s2
+        return nk, s1, s2
 
     # ---------------------------------------------------------------- the EM loop
     def fit(self, X: np.ndarray, w: np.ndarray, labels: np.ndarray, n_components: int) -> EMResult:
@@ -265,21 +404,7 @@ class BatchedEM:
         xtx = torch.einsum("bn,bnd,bne->bde", wt, Xt, Xt) if self.cov == "tied" else None
         phi = self._phi(Xt)  # (B, N, P), shared by every iteration
 
-        # initial parameters from one-hot k-means responsibilities (weights = N_k / N, not renormalised)
-        lab = torch.as_tensor(labels, dtype=torch.long, device=dev).clamp_(0, K - 1)
-        R0 = torch.zeros(B, N, K, dtype=torch.float64, device=dev)
-        R0.scatter_(2, lab[..., None], wt[..., None])
-        nk = R0.sum(1) + _EPS10
-        s1 = torch.bmm(R0.transpose(1, 2), Xt)
-        if self.cov == "full":
-            s2 = torch.einsum("bnk,bnd,bne->bkde", R0, Xt, Xt)
-        elif self.cov == "tied":
-            s2 = None
-        else:
-            s2 = torch.bmm(R0.transpose(1, 2), Xt * Xt)
-        del R0
-        means, cov, pc, log_det, ok = self._params(nk, s1, s2, xtx, eye)
-        log_w = torch.log(nk / n_train[:, None])
+        means, cov, pc, log_det, log_w, ok = self._init(Xt, wt, labels, K, xtx, eye)
 
         state = {"means": means, "cov": cov, "pc": pc, "log_det": log_det, "log_w": log_w}
         failed = ~ok
@@ -291,7 +416,7 @@ class BatchedEM:
             if active.numel() == 0:
                 break
             a = active
-            sub = lambda t: t.index_select(0, a)  # noqa: E731
+            sub = lambda t: t.index_select(0, a)
             params = (sub(state["means"]), sub(state["pc"]), sub(state["log_det"]), sub(state["log_w"]))
             pa = phi if a.numel() == B else phi.index_select(0, a)
             wa = wt if a.numel() == B else wt.index_select(0, a)
@@ -321,13 +446,13 @@ class BatchedEM:
         has_test = (n_test > 0) & ~failed
         if has_test.any():
             idx = torch.nonzero(has_test).flatten()
-            sub = lambda t: t.index_select(0, idx)  # noqa: E731
+            sub = lambda t: t.index_select(0, idx)
             params = (sub(state["means"]), sub(state["pc"]), sub(state["log_det"]), sub(state["log_w"]))
             _, lt, *_ = self._pass(phi.index_select(0, idx), wt.index_select(0, idx), params, want_stats=False)
             heldout[idx] = lt / n_test.index_select(0, idx)
         heldout[failed] = -math.inf
         weights = torch.exp(state["log_w"])
-        cpu = lambda t: t.detach().cpu().numpy()  # noqa: E731
+        cpu = lambda t: t.detach().cpu().numpy()
         return EMResult(weights=cpu(weights), means=cpu(state["means"]), covariances=cpu(state["cov"]),
                         precisions_cholesky=cpu(state["pc"]), lower_bound=cpu(lower), heldout=cpu(heldout),
                         n_iter=cpu(n_iter), converged=cpu(converged), failed=cpu(failed))

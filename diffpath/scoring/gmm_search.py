@@ -6,7 +6,12 @@ the default ``score`` (mean held-out log-likelihood) and ``refit=True``:
 * each fold standardises with a scaler fitted on its training part, applied to all rows;
 * k-means labels (scikit-learn's ``KMeans``, the mixture's seed) are computed once per
   (fold, n_components) and shared by the four covariance types;
-* the folds of one grid point are one batched EM problem (:class:`~diffpath.scoring.gmm.BatchedEM`);
+* on a GPU, the folds of one grid point are one batched EM problem
+  (:meth:`~diffpath.scoring.gmm.BatchedEM.fit`); on the CPU each (grid point, fold) is its own
+  problem over its training rows only (:meth:`~diffpath.scoring.gmm.BatchedEM.fit_rows`, cache-sized
+  chunks: batching the folds costs 1.5× per fold there), and ``n_jobs`` threads share these
+  problems and the k-means initialisations; each problem computes the same bits whatever
+  ``n_jobs`` is;
 * the best grid point is the first with the highest mean fold score (GridSearchCV's rank order:
   the grid is enumerated covariance type first, then n_components, as ``ParameterGrid`` sorts keys);
 * the chosen point is refitted on all rows and returned as a scikit-learn ``Pipeline`` whose
@@ -24,7 +29,13 @@ from sklearn.mixture import GaussianMixture
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from diffpath.scoring.gmm import BatchedEM, EMResult, kmeans_labels
+from diffpath.scoring.gmm import (
+    BatchedEM,
+    EMResult,
+    kmeans_labels,
+    kmeans_one,
+    run_tasks,
+)
 
 __all__ = ["fast_grid_search", "fit_gmm_pipeline", "resolve_device"]
 
@@ -75,7 +86,10 @@ def fit_gmm_pipeline(X: np.ndarray, n_components: int, covariance_type: str, *, 
     (lab,) = kmeans_labels([Z], n_components, random_state)
     em = BatchedEM(covariance_type, reg_covar=reg_covar, tol=tol, max_iter=max_iter, device=device,
                    chunk_elems=_chunk(device, chunk_elems))
-    res = em.fit(Z[None], np.ones((1, len(Z))), lab[None], n_components)
+    if em.device.type == "cpu":
+        (res,) = run_tasks([lambda: em.fit_rows(Z, lab, n_components)])  # one BLAS thread
+    else:
+        res = em.fit(Z[None], np.ones((1, len(Z))), lab[None], n_components)
     if res.failed[0]:
         raise ValueError("the refitted mixture has a covariance that is not positive definite; "
                          "increase reg_covar")
@@ -93,13 +107,18 @@ def fast_grid_search(X: np.ndarray, n_components: Sequence[int], covariance_type
     Args:
         X: (N, D) training features.
         splits: (train_idx, test_idx) per fold, e.g. ``list(KFold(...).split(X))``.
-        n_jobs: threads for the k-means initialisations.
+        n_jobs: threads (k-means initialisations; on the CPU also the EM problems). The result
+            does not depend on it.
     Returns:
         ``{"params": [...], "mean_test_score": (P,), "split_scores": (P, F), "best_index": int,
         "best_params": {...}, "best_score": float, "n_iter": (P, F)}``, P grid points in
         GridSearchCV's order.
     """
     X = np.asarray(X, dtype=np.float64)
+    if torch.device(device).type == "cpu":
+        return _cpu_grid_search(X, list(n_components), list(covariance_types), splits,
+                                max_iter=max_iter, reg_covar=reg_covar, tol=tol,
+                                random_state=random_state, n_jobs=n_jobs)
     N, _ = X.shape
     F = len(splits)
     Z = np.empty((F, N, X.shape[1]))
@@ -127,9 +146,40 @@ def fast_grid_search(X: np.ndarray, n_components: Sequence[int], covariance_type
         params.append({"covariance_type": cov, "n_components": k})
         scores.append(res.heldout)
         iters.append(res.n_iter)
-    split_scores = np.asarray(scores)
+    return _result(params, np.asarray(scores), np.asarray(iters))
+
+
+def _cpu_grid_search(X, comps, covariance_types, splits, *, max_iter, reg_covar, tol, random_state,
+                     n_jobs) -> dict[str, Any]:
+    """The CPU path: every (grid point, fold) its own EM problem, ``n_jobs`` threads."""
+    F = len(splits)
+    folds = []
+    for tr, te in splits:
+        sc = StandardScaler().fit(X[tr])
+        folds.append((np.ascontiguousarray(sc.transform(X[tr])), np.ascontiguousarray(sc.transform(X[te]))))
+    keys = [(k, f) for k in comps for f in range(F)]
+    labs = dict(zip(keys, run_tasks([lambda k=k, f=f: kmeans_one(folds[f][0], k, random_state)
+                                     for k, f in keys], n_jobs)))
+    order = [(c, k) for c in covariance_types for k in comps]
+    ems = {c: BatchedEM(c, reg_covar=reg_covar, tol=tol, max_iter=max_iter, device="cpu") for c in covariance_types}
+    jobs = [(c, k, f) for c, k in order for f in range(F)]
+    # the slowest problems first (full, then more components), so the threads finish together
+    cost = {"full": 4, "tied": 2, "diag": 2, "spherical": 1}
+    run = sorted(range(len(jobs)), key=lambda j: -cost.get(jobs[j][0], 1) * jobs[j][1])
+    out = run_tasks([lambda c=jobs[j][0], k=jobs[j][1], f=jobs[j][2]:
+                     ems[c].fit_rows(folds[f][0], labs[k, f], k, X_test=folds[f][1]) for j in run], n_jobs)
+    res = [None] * len(jobs)
+    for j, r in zip(run, out):
+        res[j] = r
+    scores = np.array([r.heldout[0] for r in res]).reshape(len(order), F)
+    iters = np.array([r.n_iter[0] for r in res]).reshape(len(order), F)
+    params = [{"covariance_type": c, "n_components": k} for c, k in order]
+    return _result(params, scores, iters)
+
+
+def _result(params, split_scores, iters) -> dict[str, Any]:
     mean = split_scores.mean(axis=1)
     best = int(np.argmax(mean)) if np.isfinite(mean).any() else 0
     return {"params": params, "mean_test_score": mean, "split_scores": split_scores,
             "best_index": best, "best_params": params[best], "best_score": float(mean[best]),
-            "n_iter": np.asarray(iters)}
+            "n_iter": iters}

@@ -82,7 +82,8 @@ class GMMScorer(BaseEstimator):
         cv: number of folds.
         max_iter: EM iterations per fit.
         random_state: seed for the mixtures' initialisation and the folds' shuffling.
-        n_jobs: parallel jobs for the grid search (sklearn) or the k-means initialisations (torch).
+        n_jobs: parallel jobs for the grid search (sklearn); torch: threads for the k-means
+            initialisations and, on the CPU, the (grid point, fold) EM problems (same result for any n_jobs).
         reg_covar, tol: as ``GaussianMixture``.
         backend: ``"sklearn"`` (GridSearchCV), ``"torch"`` (batched EM, same folds, seed and
             initialisation) or ``"auto"`` (torch).
