@@ -23,7 +23,7 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --qui
 	--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 	$(LOCK_ARGS)
 
-.PHONY: setup setup-gpu system-deps repro test paper lab lock clean-venv
+.PHONY: setup setup-gpu system-deps repro test test-slow paper lab lock clean-venv
 
 # Installs the lock and nothing else (--no-deps: pip resolves nothing; --require-hashes:
 # every file is checked), then the project itself. The stamp records the lock's sha256:
@@ -56,6 +56,10 @@ repro: setup
 ## the test suite (about 5 minutes on 2 CPU cores)
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 -p no:cacheprovider
+
+## the slow tests too (full pipelines in scratch clones, DVC remotes and queued sweeps: minutes)
+test-slow: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -n 2 -p no:cacheprovider -m slow
 
 ## the paper profile (needs the internet, a GPU, and the weights; see README): checks, then repro
 ## Installs torchvision (built for the installed torch) and gdown, fetches the model and the data,

@@ -1,4 +1,5 @@
-"""The sharded errors stage: two gloo processes under torchrun give the single-process cache."""
+"""The sharded errors stage: two gloo processes under torchrun (one node with two processes, or
+two torchrun "nodes" on this host with ``--nnodes 2 --node_rank R``) give the single-process cache."""
 
 from __future__ import annotations
 
@@ -57,10 +58,38 @@ def test_torchrun_two_gloo_ranks_equal_single_process(tmp_path, fixture_dir):
     ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert out.is_file()
     assert not (tmp_path / "cache.npz.parts").exists(), "the parts directory must be removed"
-    assert not list(tmp_path.rglob("chunk_*.npz")), "no chunk part may be left behind"
+    _assert_merged_equals_single(out, model_pt, x0, tmp_path)
 
+
+def test_torchrun_two_nodes_share_a_work_dir(tmp_path, fixture_dir):
+    """``--nnodes 2 --node_rank 0|1``: two torchrun launchers (here on one host) meet at the
+    master's address; every rank writes its chunks to the shared ``--work-dir`` and rank 0 (node 0)
+    merges them into ``--out``."""
+    model_pt = fixture_dir / "diffpath_tiny.pt"
+    x0 = _images(N)
+    np.save(tmp_path / "x0.npy", x0)
+    out, shared = tmp_path / "cache.npz", tmp_path / "shared" / "parts"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    port = str(_free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(r),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+         "-m", "diffpath.study.distributed", "--model", str(model_pt), "--x0", "x0.npy", "--out", str(out),
+         "--work-dir", str(shared), "--steps", str(STEPS), "--batch-size", str(BATCH),
+         "--chunk-size", str(CHUNK), "--backend", "gloo", "--device", "cpu", "--no-progress"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "wrote" in logs[0] and "2 process(es)" in logs[0], logs[0]
+    assert not shared.exists(), "the shared parts must be removed after the merge"
+    _assert_merged_equals_single(out, model_pt, x0, tmp_path)
+
+
+def _assert_merged_equals_single(out: Path, model_pt: Path, x0: np.ndarray, tmp_path: Path) -> None:
+    assert out.is_file()
+    assert not list(tmp_path.rglob("chunk_*.npz")), "no chunk part may be left behind"
     with np.load(out) as z:
         merged = {k: z[k] for k in z.files}
     single = _single_process_cache(model_pt, x0)
