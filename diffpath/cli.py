@@ -6,6 +6,8 @@
   ``x0`` (float, B×C×H×W, in [-1, 1]) or ``images`` (uint8, B×H×W or B×H×W×C).
 * ``diffpath fit`` / ``diffpath score``: :mod:`diffpath.detector` on folders of image files.
 * ``diffpath export-images``: :func:`diffpath.data.export.export_images` (offline demo data).
+* ``diffpath localize --model SPEC IMAGES... --out DIR``: anomaly maps, overlays and image scores
+  (:mod:`diffpath.localize_cli`).
 
 Errors in the input, and file-system errors, end the run with a one-line message on stderr and
 exit status 2; the outputs are checked to be writable before any model work starts, and nothing
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_detector_commands(sub)
     _add_export_command(sub)
+    from diffpath.localize_cli import add_localize_command
+
+    add_localize_command(sub, _add_common)
     return parser
 
 

@@ -34,6 +34,8 @@ from diffpath.scoring.metrics import (
 from diffpath.models import EpsModel
 from diffpath.core.schedule import NoiseSchedule
 from conftest import ReconstructingEps
+from diffpath.methods.localization import MapSpec, stochastic_reconstruct, timestep_of
+from diffpath.methods.maps import gradient_magnitude_map, median_residual_map, model_free_map
 
 torch.set_num_threads(1)
 
@@ -207,16 +209,78 @@ def test_oracle_reconstruction_localizes_the_pasted_patches():
 def test_localize_end_to_end_counts_unet_evaluations(tiny_model):
     imgs = np.random.default_rng(0).integers(0, 256, size=(5, 12, 12), dtype=np.uint8)
     x = to_model_input(imgs, 16, 1, resize="pad", pad_value=0)
-    r = localize(tiny_model, x, t0=100, steps=3, batch_size=2, out_size=(12, 12))
-    assert r.nfe == 2 * 3 + 2
+    T = tiny_model.num_timesteps
+    spec = MapSpec("deterministic", t0=(100 / T,), steps=3, maps=("pixel", "ssim", "feature", "combined"))
+    r = localize(tiny_model, x, spec, batch_size=2, out_size=(12, 12))
+    assert r.nfe == 2 * 3 + 2 == spec.nfe()
     assert set(r.maps) == {"pixel", "ssim", "feature", "combined"}
     assert all(v.shape == (5, 12, 12) and v.dtype == np.float32 for v in r.maps.values())
     assert all(v.shape == (5,) for v in r.scores.values())
     assert r.x_hat.shape == (5, 1, 16, 16)
     assert set(r.scales) == {"pixel", "ssim", "feature"}
-    r2 = localize(tiny_model, x, t0=100, steps=3, methods=["pixel"], batch_size=5)
+    assert r.settings["t0_timesteps"] == [100]
+    r2 = localize(tiny_model, x, MapSpec("deterministic", t0=(100 / T,), steps=3), batch_size=5)
     assert r2.nfe == 6 and set(r2.maps) == {"pixel"} and r2.maps["pixel"].shape == (5, 16, 16)
     np.testing.assert_allclose(r2.maps["pixel"][:, 2:14, 2:14], r.maps["pixel"], atol=1e-5)
+
+
+def test_t0_is_a_fraction_of_T():
+    assert timestep_of(0.2, 1000) == 200 and timestep_of(0.2, 4000) == 800
+    assert timestep_of(0.001, 1000, steps=5) == 5 and timestep_of(0.9999, 1000) == 999
+    for bad in (0.0, 1.0, 400):
+        with pytest.raises(ValueError, match="fraction"):
+            timestep_of(bad, 1000)
+    with pytest.raises(ValueError, match="fraction"):
+        MapSpec("deterministic", t0=(400,))
+    with pytest.raises(ValueError, match="maps"):
+        MapSpec("model_free", maps=("pixel",))
+
+
+def test_stochastic_round_trip_goes_through_the_seeded_walk(tiny_model):
+    x = torch.from_numpy(to_model_input(np.full((3, 16, 16), 90, np.uint8), 16, 1))
+    t0 = timestep_of(0.3, tiny_model.num_timesteps)
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    a = stochastic_reconstruct(tiny_model, x, t0, 2, draws=3, generator=g(0))
+    b = stochastic_reconstruct(tiny_model, x, t0, 2, draws=3, generator=g(0))
+    c = stochastic_reconstruct(tiny_model, x, t0, 2, draws=3, generator=g(1))
+    assert a.shape == (3, 3, 1, 16, 16)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c) and not torch.allclose(a[0], a[1])  # draws differ
+    # inversion start with η = 0: every draw is the deterministic round trip
+    inv = stochastic_reconstruct(tiny_model, x, t0, 2, draws=2, eta=0.0, start="invert", generator=g(0))
+    det = reconstruct(tiny_model, x, t0, 2).x_hat
+    torch.testing.assert_close(inv[0], det)
+    torch.testing.assert_close(inv[1], det)
+
+
+def test_stochastic_oracle_repairs_and_costs_are_counted():
+    """With the oracle ε-model of the *originals*, every stochastic draw returns the originals, so
+    the map is exactly |image − original|, whatever the noise."""
+    bench = synthetic_anomalies("fashion_mnist", n_per_class=2)
+    x = torch.from_numpy(to_model_input(bench.images, 28, 1))
+    clean = torch.from_numpy(to_model_input(bench.originals, 28, 1)).double()
+    oracle = ReconstructingEps(clean, SCHED)
+    spec = MapSpec("stochastic", t0=(0.2, 0.3), steps=4, draws=2)
+    r = localize(oracle, x.numpy(), spec, seed=0, batch_size=len(x), smooth_sigma=0)
+    assert r.nfe == spec.nfe() == 2 * 2 * 4
+    want = (x - clean.float()).abs()[:, 0].numpy()
+    np.testing.assert_allclose(r.maps["pixel"], want, atol=2e-4)
+    inv = MapSpec("stochastic", t0=(0.2,), steps=4, draws=3, start="invert", reduce="reconstruction")
+    assert localize(oracle, x.numpy(), inv, batch_size=len(x), smooth_sigma=0).nfe == inv.nfe() == 4 + 3 * 4
+
+
+def test_model_free_maps():
+    flat = torch.zeros(2, 1, 16, 16)
+    assert float(model_free_map(flat, "gradient").abs().max()) == 0.0
+    assert float(model_free_map(flat, "median").abs().max()) == 0.0
+    x = flat.clone()
+    x[:, :, 6:9, 6:9] = 1.0  # a small bright square
+    g = gradient_magnitude_map(x)[0, 0]
+    assert g[7, 7] == 0 and g[6, 5] > 0  # flat inside, high at its edges
+    med = median_residual_map(x)[0, 0]  # the 3×3 square is below half of a 5×5 window: removed
+    assert med[7, 7] == pytest.approx(1.0) and med[0, 0] == 0
+    r = localize(None, x.numpy(), MapSpec("model_free", maps=("gradient", "median")))
+    assert r.nfe == 0 and r.x_hat is None and set(r.maps) == {"gradient", "median"}
 
 
 # --------------------------------------------------------------------------------------------

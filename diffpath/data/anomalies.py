@@ -7,13 +7,16 @@ test images of a *base* set (``fashion_mnist`` or ``mnist``), half of them left 
 mask all zero) and half with one rectangular patch of *foreign* content pasted in (anomalous, mask
 = the rectangle). Recipe, per class ``c`` of the base set (all classes, ascending):
 
-1. ``n_per_class`` test images of class ``c``: the first ones of
-   ``default_rng([seed, base_code, c]).permutation(<indices of class c>)``.
+1. ``n_per_class`` test images of class ``c``: positions ``part·n_per_class`` …
+   ``(part+1)·n_per_class − 1`` of ``default_rng([seed, base_code, c]).permutation(<indices of
+   class c>)``. Different ``part`` values of one seed are therefore *disjoint* image sets (the study
+   chooses its settings on ``part=1`` and reports on ``part=0``).
 2. The first ``round(anomalous_fraction · n_per_class)`` of them (at least 1 and at most
    ``n_per_class − 1`` when ``n_per_class ≥ 2``) become anomalous; the j-th anomalous image of class
    ``c`` takes its patch from ``sources[(c + j) % len(sources)]``, so every source appears in
    every class once there are enough images.
-3. Per anomalous image, all draws come from ``default_rng([seed, base_code, c, j, 1])``: patch
+3. Per anomalous image, all draws come from ``default_rng([seed, base_code, c, j, 1])`` (with
+   ``part`` appended when ``part > 0``): patch
    height and width uniform in ``patch_size`` (inclusive), a position whose patch centre lies on
    the base image's foreground bounding box (pixels > 0), a source image (test split) and its
    content:
@@ -171,6 +174,7 @@ def synthetic_anomalies(
     min_contrast: float = 40.0,
     seed: int = 0,
     split: str = "test",
+    part: int = 0,
 ) -> AnomalySet:
     """The synthetic pasted-patch benchmark on ``base`` (see the module docstring).
 
@@ -183,6 +187,7 @@ def synthetic_anomalies(
         min_contrast: minimum mean |patch − replaced pixels| in grey levels.
         seed: the benchmark's seed.
         split: split of the base set and the sources.
+        part: which disjoint block of each class's permutation to take (0: the first).
 
     Returns:
         :class:`AnomalySet` ordered by class, anomalous images first within a class.
@@ -200,6 +205,8 @@ def synthetic_anomalies(
         raise ValueError(f"patch_size must satisfy 1 <= min <= max, got {patch_size}")
     if n_per_class < 1:
         raise ValueError("n_per_class must be >= 1")
+    if part < 0:
+        raise ValueError(f"part must be >= 0, got {part}")
     full = load_split(base, split)
     H, W = full.images.shape[1:3]
     if hi > min(H, W):
@@ -214,9 +221,11 @@ def synthetic_anomalies(
     class_ids = np.unique(full.labels)
     for c in class_ids.tolist():
         idx = np.flatnonzero(full.labels == c)
-        if len(idx) < n_per_class:
-            raise ValueError(f"class {c} of {base} has only {len(idx)} {split} images")
-        chosen = idx[np.random.default_rng([seed, code, c]).permutation(len(idx))[:n_per_class]]
+        lo_i, hi_i = part * n_per_class, (part + 1) * n_per_class
+        if len(idx) < hi_i:
+            raise ValueError(f"class {c} of {base} has only {len(idx)} {split} images "
+                             f"(part {part} of {n_per_class} per class needs {hi_i})")
+        chosen = idx[np.random.default_rng([seed, code, c]).permutation(len(idx))[lo_i:hi_i]]
         for j, i in enumerate(chosen.tolist()):
             orig = np.asarray(full.images[i])
             img = orig.copy()
@@ -225,7 +234,7 @@ def synthetic_anomalies(
             src_name = ""
             if j < n_anom:
                 src_name = srcs[(c + j) % len(srcs)]
-                rng = np.random.default_rng([seed, code, c, j, 1])
+                rng = np.random.default_rng([seed, code, c, j, 1] + ([part] if part else []))
                 fy0, fx0, fy1, fx1 = _foreground_box(orig)
                 pool = src_images[src_name]
                 for _ in range(50):

@@ -7,11 +7,27 @@ x0 and x̂0 is the anomaly map.
 
 Pipeline (all pure functions; the notebook ``notebooks/30_localization.ipynb`` strings them)::
 
-    rec = reconstruct(model, x0, t0=400, steps=10)            # 2·steps UNet evaluations / image
-    maps = anomaly_maps(x0, rec.x_hat, model=model,
-                        methods=("pixel", "ssim", "feature"))  # (B, 1, H, W) each, smoothed
-    maps["combined"] = combine_maps(maps)                      # weighted sum of scaled maps
-    scores = image_scores(maps["combined"])                    # (B,) max of a k×k average
+    spec = MapSpec("deterministic", t0=(0.4,), steps=10, maps=("pixel",))
+    res = localize(model, x0, spec, seed=0)                    # res.maps["pixel"]: (N, H, W)
+
+A :class:`MapSpec` is one row of the localisation table; its ``kind`` picks the round trip:
+
+``"deterministic"`` (DIVAD-style, :func:`reconstruct`)
+    DDIM inversion (η = 0) to t0 and DDIM denoising back on the same grid: 2·steps evaluations.
+``"stochastic"``, ``start="noise"`` (AnoDDPM-style, :func:`stochastic_reconstruct`)
+    x_{t0} = √ᾱ·x0 + √(1−ᾱ)·z with fresh noise z, then ``steps`` DDIM steps with η (default 1,
+    ancestral) back to 0; ``draws`` independent draws: draws·steps evaluations.
+``"stochastic"``, ``start="invert"``
+    the deterministic inversion to t0 once (``steps`` evaluations), then ``draws`` η-denoisings
+    from that latent: steps·(1 + draws) evaluations.
+``"model_free"``
+    no model: :func:`diffpath.methods.maps.model_free_map` (``gradient`` or ``median``).
+
+Several draws are reduced either as the mean of the per-draw maps (``reduce="maps"``) or as the
+map of the mean reconstruction (``reduce="reconstruction"``); several ``t0`` average their maps.
+**t0 is a fraction of T** (the model's number of training timesteps): 0.2 is timestep 200 of a
+1,000-step model and 800 of a 4,000-step one (:func:`timestep_of`). All noise comes from one seeded
+``torch.Generator`` per batch and goes through :func:`diffpath.core.sampling.ddim_walk`.
 
 Reconstruction schedule
 -----------------------
@@ -35,7 +51,7 @@ repairs anomalies is the coarse discretisation (few, large steps, along which ε
 states the model finds unlikely) and the x̂0 clipping; ``t0`` and ``steps`` therefore act together
 and are best tuned jointly.
 
-Anomaly maps (each ``(B, 1, H, W)`` at the input's size, higher = more anomalous)
+Anomaly maps (:mod:`diffpath.methods.maps`; each ``(B, 1, H, W)``, higher = more anomalous)
 -------------------------------------------------------------------------------
 ``"pixel"``
     |x0 − x̂0| averaged over channels (``pixel_power=2``: the squared difference).
@@ -66,33 +82,44 @@ padding), k = ``max(1, H // 8)`` by default (DIVAD pools 8×8 eight times at 256
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from diffpath.core.sampling import StepCallback, ddim_denoise, ddim_invert, partial_ddim_coefficients
 from diffpath.core.schedule import alphas_cumprod_of
-from diffpath.core.ssim import gaussian_filter, ssim_map
+from diffpath.methods.maps import (  # noqa: F401  (re-exported: the maps used to live here)
+    METHODS,
+    MODEL_FREE,
+    anomaly_maps,
+    combine_maps,
+    default_smooth_sigma,
+    feature_distance_map,
+    gaussian_smooth,
+    image_scores,
+    map_scales,
+    model_free_map,
+    pixel_distance_map,
+    ssim_distance_map,
+    to_image_grid,
+)
 from diffpath.models import EpsFn
 from diffpath.models.hooks import UNetFeatures
 
 __all__ = [
     "METHODS",
+    "MODEL_FREE",
+    "KINDS",
     "CountingModel",
     "Reconstruction",
+    "MapSpec",
+    "timestep_of",
     "reconstruct",
-    "pixel_distance_map",
-    "ssim_distance_map",
-    "feature_distance_map",
-    "gaussian_smooth",
-    "default_smooth_sigma",
+    "stochastic_reconstruct",
     "anomaly_maps",
-    "map_scales",
     "combine_maps",
     "image_scores",
     "to_image_grid",
@@ -100,8 +127,7 @@ __all__ = [
     "localize",
 ]
 
-#: The map kinds :func:`localize` knows, in the order they are reported.
-METHODS: tuple[str, ...] = ("pixel", "ssim", "feature", "combined")
+KINDS: tuple[str, ...] = ("model_free", "deterministic", "stochastic")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +188,8 @@ def reconstruct(
     Args:
         model: ε-model ``(x, t) -> ε``; its ``.schedule`` gives ᾱ unless ``alphas_cumprod`` is given.
         x0: (B, C, H, W) float images in [-1, 1], on the model's device.
-        t0: intermediate timestep (model training timesteps, ``steps <= t0 <= T − 1``).
+        t0: intermediate timestep in the model's training timesteps (``steps <= t0 <= T − 1``;
+            :func:`timestep_of` converts a fraction of T).
         steps: DDIM steps per direction.
         clip_denoised: clip every x̂0 to [-1, 1] (both directions).
         denoise_t0: ablation only. Denoise as if the latent sat at ``denoise_t0`` (its own
@@ -190,180 +217,137 @@ def reconstruct(
     return Reconstruction(x_hat=x_hat, x_t0=x_t0, t0=int(t0), steps=int(steps), nfe=2 * int(steps))
 
 
-# ----------------------------------------------------------------------------------------------
-# maps
+def timestep_of(fraction: float, num_timesteps: int, steps: int = 1) -> int:
+    """The training timestep at ``fraction`` of T: ``round(fraction · T)``, kept in [steps, T − 1].
 
-
-def default_smooth_sigma(size: int) -> float:
-    """σ = 4 px at 256 px, scaled to ``size`` (0.5 px at 32)."""
-    return 4.0 * size / 256.0
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) maps, σ in pixels, 2·⌈4σ⌉+1 taps (scipy's
-    ``truncate=4``), symmetric (edge-repeating) border extension as in :mod:`diffpath.core.ssim`.
-    ``sigma <= 0`` returns the maps unchanged."""
-    if sigma <= 0:
-        return maps
-    return gaussian_filter(maps, sigma, max(1, int(math.ceil(4.0 * sigma))))
-
-
-def pixel_distance_map(x: torch.Tensor, x_hat: torch.Tensor, power: int = 1) -> torch.Tensor:
-    """|x − x̂|^power averaged over channels: (B, C, H, W) → (B, 1, H, W)."""
-    if power not in (1, 2):
-        raise ValueError(f"power must be 1 (absolute) or 2 (squared), got {power}")
-    d = (x.float() - x_hat.float()).abs()
-    return (d if power == 1 else d * d).mean(1, keepdim=True)
-
-
-def ssim_distance_map(
-    x: torch.Tensor, x_hat: torch.Tensor, *, window_size: int = 11, sigma: float = 1.5
-) -> torch.Tensor:
-    """1 − SSIM averaged over channels, (B, 1, H, W) in [0, 2] (images in [-1, 1])."""
-    s = ssim_map(x.float(), x_hat.float(), window_size=window_size, sigma=sigma, data_range=2.0)
-    return (1.0 - s).mean(1, keepdim=True).clamp(0.0, 2.0)  # float error can put SSIM a hair above 1
-
-
-def _cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return 1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8).unsqueeze(1)
+    Raises ``ValueError`` unless 0 < fraction < 1 (a timestep such as 400 is not a fraction).
+    """
+    f = float(fraction)
+    if not 0.0 < f < 1.0:
+        raise ValueError(f"t0 is a fraction of the model's T in (0, 1), got {fraction}")
+    return int(min(max(round(f * int(num_timesteps)), int(steps)), int(num_timesteps) - 1))
 
 
 @torch.no_grad()
-def feature_distance_map(
-    features: UNetFeatures,
-    x: torch.Tensor,
-    x_hat: torch.Tensor,
+def stochastic_reconstruct(
+    model: EpsFn,
+    x0: torch.Tensor,
+    t0: int,
+    steps: int,
     *,
-    t: int = 50,
+    draws: int = 1,
+    eta: float = 1.0,
+    start: str = "noise",
+    generator: torch.Generator | None = None,
+    alphas_cumprod: np.ndarray | None = None,
+    clip_denoised: bool = True,
 ) -> torch.Tensor:
-    """Mean over ``features.layers`` of 1 − cos(f(x), f(x̂)) over channels, upsampled bilinearly
-    to the image size: (B, 1, H, W) in [0, 2]. Both images go through the model at timestep ``t``
-    in one batch (2 UNet evaluations per image)."""
-    B, _, H, W = x.shape
-    tt = torch.full((2 * B,), int(t), dtype=torch.long, device=x.device)
-    feats = features(torch.cat([x, x_hat]).float(), tt)
-    acc = torch.zeros(B, 1, H, W, device=x.device)
-    for f in feats.values():
-        d = _cosine_distance(f[:B], f[B:])
-        acc += F.interpolate(d, size=(H, W), mode="bilinear", align_corners=False)
-    return acc / len(feats)
-
-
-def anomaly_maps(
-    x: torch.Tensor,
-    x_hat: torch.Tensor,
-    methods: Sequence[str] = ("pixel", "ssim"),
-    *,
-    model: Any = None,
-    features: UNetFeatures | None = None,
-    feature_t: int = 50,
-    pixel_power: int = 1,
-    smooth_sigma: float | None = None,
-) -> dict[str, torch.Tensor]:
-    """The requested maps (``"pixel"``, ``"ssim"``, ``"feature"``), each (B, 1, H, W), smoothed.
-
-    ``"combined"`` in ``methods`` is ignored here (it needs set-level scales; see
-    :func:`combine_maps`). ``"feature"`` needs ``features`` or ``model``.
-    """
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
-    sigma = default_smooth_sigma(x.shape[-1]) if smooth_sigma is None else float(smooth_sigma)
-    out: dict[str, torch.Tensor] = {}
-    for m in methods:
-        if m == "pixel":
-            raw = pixel_distance_map(x, x_hat, pixel_power)
-        elif m == "ssim":
-            raw = ssim_distance_map(x, x_hat)
-        elif m == "feature":
-            if features is None:
-                if model is None:
-                    raise ValueError("the feature map needs the model (or a UNetFeatures)")
-                features = UNetFeatures(model)
-            raw = feature_distance_map(features, x, x_hat, t=feature_t)
-        else:
-            continue
-        out[m] = gaussian_smooth(raw, sigma)
-    return out
-
-
-def map_scales(maps: Mapping[str, torch.Tensor | np.ndarray]) -> dict[str, float]:
-    """Set-level scale of each map: its mean over all pixels of all images (≥ 1e-12)."""
-    return {k: max(float(torch.as_tensor(v).double().mean()), 1e-12) for k, v in maps.items()}
-
-
-def combine_maps(
-    maps: Mapping[str, torch.Tensor | np.ndarray],
-    weights: Mapping[str, float] | None = None,
-    scales: Mapping[str, float] | None = None,
-) -> torch.Tensor | np.ndarray:
-    """Σ_k w_k · map_k / scale_k over the maps given (``"combined"`` itself skipped).
+    """``draws`` stochastic round trips of x0 through timestep ``t0``.
 
     Args:
-        maps: name → (B, 1, H, W) tensor or (B, H, W) array, all the same shape.
-        weights: name → weight (default 1 each; a missing name gets 0).
-        scales: name → positive scale (default :func:`map_scales` of ``maps``).
-    """
-    parts = {k: v for k, v in maps.items() if k != "combined"}
-    if not parts:
-        raise ValueError("no maps to combine")
-    w = {k: 1.0 for k in parts} if weights is None else {k: float(weights.get(k, 0.0)) for k in parts}
-    sc = map_scales(parts) if scales is None else {k: float(scales[k]) for k in parts}
-    total = None
-    for k, v in parts.items():
-        if w[k] == 0.0:
-            continue
-        term = v * (w[k] / sc[k])
-        total = term if total is None else total + term
-    if total is None:
-        raise ValueError("all weights are zero")
-    return total
-
-
-def image_scores(maps: torch.Tensor | np.ndarray, k: int | None = None) -> np.ndarray:
-    """Image anomaly score: max of the k×k average-pooled map (stride 1, no padding).
-
-    Args:
-        maps: (B, 1, H, W) or (B, H, W).
-        k: pooling window, default ``max(1, H // 8)``; clipped to the map size.
+        model, x0, t0, steps, clip_denoised: as :func:`reconstruct`.
+        draws: independent reconstructions per image.
+        eta: DDIM η of the denoising walk (1: ancestral, DDPM-like; 0: deterministic).
+        start: ``"noise"``: x_{t0} = √ᾱ_{t0}·x0 + √(1−ᾱ_{t0})·z, z ~ N(0, I) from ``generator``
+            (AnoDDPM); ``"invert"``: the deterministic DDIM inversion of x0 to t0 (once, ``steps``
+            evaluations), shared by the draws, which then differ only through η.
+        generator: source of every random number (on x0's device).
 
     Returns:
-        (B,) float64.
+        (draws, B, C, H, W) reconstructions in [-1, 1]. Cost: draws·steps evaluations per image
+        (+ steps for ``start="invert"``).
     """
-    m = torch.as_tensor(np.asarray(maps) if isinstance(maps, np.ndarray) else maps).double()
-    if m.ndim == 3:
-        m = m.unsqueeze(1)
-    H, W = m.shape[-2:]
-    k = max(1, H // 8) if k is None else int(k)
-    k = max(1, min(k, H, W))
-    pooled = F.avg_pool2d(m, k, stride=1) if k > 1 else m
-    return pooled.flatten(1).max(1).values.cpu().numpy()
+    if start not in ("noise", "invert"):
+        raise ValueError(f"start must be 'noise' or 'invert', got {start!r}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    ac = alphas_cumprod_of(model, alphas_cumprod)
+    inv, den = partial_ddim_coefficients(ac, t0, steps)
+    x0 = x0.float()
+    latent = None
+    if start == "invert":
+        latent = ddim_invert(model, x0, inv, clip_denoised=clip_denoised)
+    a = float(ac[int(t0)])
+    outs = []
+    for _ in range(int(draws)):
+        if latent is None:
+            z = torch.randn(x0.shape, generator=generator, device=x0.device)
+            x_t = np.sqrt(a) * x0 + np.sqrt(1.0 - a) * z
+        else:
+            x_t = latent
+        outs.append(ddim_denoise(model, x_t, den, clip_denoised=clip_denoised, eta=eta, generator=generator))
+    return torch.stack(outs)
 
 
-def to_image_grid(maps: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bring (B, 1, S, S) model-resolution maps back to the original (H, W) image grid.
+@dataclass(frozen=True)
+class MapSpec:
+    """One row of the localisation table: a round trip (or none) and the maps taken from it.
 
-    When the image was zero-padded to the model size (``to_model_input``'s ``"pad"``: S − H and
-    S − W even), the centre is cropped; otherwise the map is resized bilinearly. Returns
-    (B, H, W) float32.
+    Attributes:
+        kind: one of :data:`KINDS`.
+        t0: fractions of T (one or several; several average their maps).
+        steps: DDIM steps of each walk.
+        draws: stochastic round trips per t0 (``kind="stochastic"``).
+        eta: DDIM η of the stochastic denoising.
+        start: ``"noise"`` or ``"invert"`` (see :func:`stochastic_reconstruct`).
+        reduce: ``"maps"`` (mean of the per-draw maps) or ``"reconstruction"`` (map of the mean
+            reconstruction).
+        maps: map kinds: :data:`METHODS` for round trips, :data:`MODEL_FREE` for ``model_free``.
+        denoise_t0: ablation of the reference code's mismatch (``kind="deterministic"``): denoise
+            as if the latent sat at this fraction of T.
     """
-    m = torch.as_tensor(np.asarray(maps) if isinstance(maps, np.ndarray) else maps).float()
-    if m.ndim == 3:
-        m = m.unsqueeze(1)
-    S_h, S_w = m.shape[-2:]
-    H, W = int(size[0]), int(size[1])
-    dh, dw = S_h - H, S_w - W
-    if dh == 0 and dw == 0:
-        out = m
-    elif 0 < dh <= 4 and 0 < dw <= 4 and dh % 2 == 0 and dw % 2 == 0:
-        out = m[..., dh // 2 : dh // 2 + H, dw // 2 : dw // 2 + W]
-    else:
-        out = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
-    return out[:, 0].cpu().numpy().astype(np.float32)
 
+    kind: str = "deterministic"
+    t0: tuple[float, ...] = (0.4,)
+    steps: int = 10
+    draws: int = 1
+    eta: float = 1.0
+    start: str = "noise"
+    reduce: str = "maps"
+    maps: tuple[str, ...] = ("pixel",)
+    denoise_t0: float | None = None
 
-# ----------------------------------------------------------------------------------------------
-# the whole thing, batched
+    def __post_init__(self) -> None:
+        t0 = (self.t0,) if isinstance(self.t0, (int, float)) else tuple(self.t0)
+        object.__setattr__(self, "t0", tuple(float(v) for v in t0))
+        object.__setattr__(self, "maps", (self.maps,) if isinstance(self.maps, str) else tuple(self.maps))
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}; known: {list(KINDS)}")
+        known = MODEL_FREE if self.kind == "model_free" else METHODS
+        bad = [m for m in self.maps if m not in known]
+        if bad or not self.maps:
+            raise ValueError(f"maps {bad or '[]'} do not fit kind {self.kind!r}; choose from {list(known)}")
+        if self.kind != "model_free":
+            if not self.t0:
+                raise ValueError("t0 needs at least one fraction of T")
+            for f in self.t0 + (() if self.denoise_t0 is None else (self.denoise_t0,)):
+                if not 0.0 < f < 1.0:
+                    raise ValueError(f"t0 is a fraction of the model's T in (0, 1), got {f}")
+            if self.steps < 1 or self.draws < 1:
+                raise ValueError("steps and draws must be >= 1")
+        if self.reduce not in ("maps", "reconstruction"):
+            raise ValueError(f"reduce must be 'maps' or 'reconstruction', got {self.reduce!r}")
+        if self.start not in ("noise", "invert"):
+            raise ValueError(f"start must be 'noise' or 'invert', got {self.start!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MapSpec:
+        """From a params.yaml mapping (unknown keys are an error)."""
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def nfe(self) -> int:
+        """UNet evaluations per image (the feature map's 2 per comparison included)."""
+        if self.kind == "model_free":
+            return 0
+        per_draw_feat = 2 if ({"feature", "combined"} & set(self.maps)) else 0
+        if self.kind == "deterministic":
+            return len(self.t0) * (2 * self.steps + per_draw_feat)
+        n_cmp = 1 if self.reduce == "reconstruction" else self.draws
+        inv = self.steps if self.start == "invert" else 0
+        return len(self.t0) * (inv + self.draws * self.steps + n_cmp * per_draw_feat)
 
 
 @dataclass
@@ -371,29 +355,50 @@ class LocalizationResult:
     """What :func:`localize` gives for N images (numpy, on the CPU).
 
     Attributes:
-        maps: method → (N, H, W) float32 anomaly maps (model resolution, or ``out_size``).
-        scores: method → (N,) float64 image scores (:func:`image_scores`).
-        x_hat: (N, C, H, W) float32 reconstructions.
+        maps: map kind → (N, H, W) float32 anomaly maps (model resolution, or ``out_size``).
+        scores: map kind → (N,) float64 image scores (:func:`image_scores`).
+        x_hat: (N, C, H, W) float32 reconstruction (the mean over draws; the first t0), or None.
         scales: the set-level scales used by ``"combined"``.
-        nfe: UNet evaluations per image, counted (2·steps, + 2 with the feature map).
-        settings: the parameters used.
+        nfe: UNet evaluations per image, counted.
+        settings: the spec and the other parameters used.
     """
 
     maps: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
-    x_hat: np.ndarray
+    x_hat: np.ndarray | None
     scales: dict[str, float]
     nfe: float
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def _round_trip_maps(model, xb, spec, T, base, gen, feats, kw, clip_denoised):
+    """Maps of one batch for every t0 of ``spec``, averaged over t0; also the first reconstruction."""
+    acc: dict[str, torch.Tensor] = {}
+    first = None
+    for f in spec.t0:
+        t0 = timestep_of(f, T, spec.steps)
+        if spec.kind == "deterministic":
+            dt0 = None if spec.denoise_t0 is None else timestep_of(spec.denoise_t0, T, spec.steps)
+            recs = reconstruct(model, xb, t0, spec.steps, clip_denoised=clip_denoised, denoise_t0=dt0).x_hat[None]
+        else:
+            recs = stochastic_reconstruct(model, xb, t0, spec.steps, draws=spec.draws, eta=spec.eta,
+                                          start=spec.start, generator=gen, clip_denoised=clip_denoised)
+        if spec.reduce == "reconstruction":
+            recs = recs.mean(0, keepdim=True)
+        first = recs.mean(0) if first is None else first
+        for r in recs:
+            mp = anomaly_maps(xb, r, base, features=feats, **kw)
+            for m, v in mp.items():
+                acc[m] = acc.get(m, 0) + v / (len(recs) * len(spec.t0))
+    return acc, first
+
+
 def localize(
     model: Any,
     x0: np.ndarray | torch.Tensor,
+    spec: MapSpec,
     *,
-    t0: int,
-    steps: int,
-    methods: Sequence[str] = METHODS,
+    seed: int = 0,
     batch_size: int = 64,
     feature_t: int = 50,
     feature_layers: Sequence[str] | None = None,
@@ -404,79 +409,76 @@ def localize(
     pool: int | None = None,
     out_size: tuple[int, int] | None = None,
     clip_denoised: bool = True,
-    denoise_t0: int | None = None,
 ) -> LocalizationResult:
-    """Reconstruct N images and compute every requested map and image score.
+    """Every map of ``spec`` for N images, and their image scores.
 
     Args:
-        model: an :class:`~diffpath.models.EpsModel` (or any ε-model with ``.schedule``; the
-            feature map also needs ``.net``).
+        model: an :class:`~diffpath.models.EpsModel` (``.schedule``, ``.num_timesteps``; the
+            feature map also needs ``.net``). Unused for ``kind="model_free"``.
         x0: (N, C, H, W) float32 in [-1, 1] (e.g. from :func:`diffpath.data.to_model_input`).
-        t0, steps, clip_denoised, denoise_t0: see :func:`reconstruct`.
-        methods: any of :data:`METHODS`; ``"combined"`` mixes the other *computed* maps (all of
-            pixel, ssim and feature are computed for it even when not listed).
+        spec: the round trip and maps (:class:`MapSpec`).
+        seed: seeds the stochastic round trips (one ``torch.Generator`` per batch, seeded with
+            ``[seed, first image index]``; the same seed and batch size give the same maps).
         batch_size: images per UNet batch.
-        feature_t, feature_layers: see :func:`feature_distance_map` and :class:`UNetFeatures`.
-        pixel_power, smooth_sigma: see :func:`anomaly_maps`.
-        weights, scales: see :func:`combine_maps` (scales default to set-level means over these N
-            images).
-        pool: image-score window (:func:`image_scores`; default ``max(1, H // 8)`` of the grid
-            the scores are taken on).
-        out_size: the images' original (H, W): maps are brought back to that grid with
-            :func:`to_image_grid` (centre crop of a zero-pad, else bilinear) *before* the image
-            scores are taken; default: keep the model's resolution.
+        feature_t, feature_layers: see :func:`~diffpath.methods.maps.feature_distance_map`.
+        pixel_power, smooth_sigma: see :func:`~diffpath.methods.maps.anomaly_maps`.
+        weights, scales: see :func:`~diffpath.methods.maps.combine_maps` (scales default to
+            set-level means over these N images).
+        pool: image-score window (default ``max(1, H // 8)`` of the grid scored).
+        out_size: the images' original (H, W): maps are brought back to it with
+            :func:`~diffpath.methods.maps.to_image_grid` before scoring.
     """
-    methods = list(methods)
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
-    base = [m for m in METHODS if m != "combined" and (m in methods or "combined" in methods)]
-    if "combined" in methods and weights is not None:
-        base = [m for m in base if m in methods or float(weights.get(m, 0.0)) != 0.0]
-    counter = CountingModel(model)
-    dev = getattr(model, "device", torch.device("cpu"))
     x_all = torch.as_tensor(np.asarray(x0) if isinstance(x0, np.ndarray) else x0).float()
     N = int(x_all.shape[0])
-    feats = UNetFeatures(counter, feature_layers) if "feature" in base else None
-    probe_images = counter.images  # the default-layer probe is not a per-image cost
-    per: dict[str, list[torch.Tensor]] = {m: [] for m in base}
-    x_hats = []
+    kw = {"feature_t": int(feature_t), "pixel_power": pixel_power, "smooth_sigma": smooth_sigma}
+    per: dict[str, list[torch.Tensor]] = {}
+    x_hats: list[torch.Tensor] = []
+    counter = CountingModel(model) if spec.kind != "model_free" else None
+    base = [m for m in METHODS if m != "combined" and (m in spec.maps or "combined" in spec.maps)]
+    if "combined" in spec.maps and weights is not None:
+        base = [m for m in base if m in spec.maps or float(weights.get(m, 0.0)) != 0.0]
+    feats = UNetFeatures(counter, feature_layers) if counter is not None and "feature" in base else None
+    probe = counter.images if counter is not None else 0
+    dev = getattr(model, "device", torch.device("cpu")) if counter is not None else torch.device("cpu")
+    T = len(alphas_cumprod_of(model, None)) if counter is not None else 0
     for lo in range(0, N, batch_size):
         xb = x_all[lo : lo + batch_size].to(dev)
-        rec = reconstruct(counter, xb, t0, steps, clip_denoised=clip_denoised, denoise_t0=denoise_t0)
-        mp = anomaly_maps(
-            xb, rec.x_hat, base, features=feats, feature_t=feature_t,
-            pixel_power=pixel_power, smooth_sigma=smooth_sigma,
-        )
-        for m in base:
-            per[m].append(mp[m].cpu())
-        x_hats.append(rec.x_hat.cpu())
+        if counter is None:
+            mp = {m: model_free_map(xb, m, smooth_sigma=smooth_sigma) for m in spec.maps}
+        else:
+            gen = torch.Generator(device=dev).manual_seed(int(seed) * 1_000_003 + lo)
+            mp, rec = _round_trip_maps(counter, xb, spec, T, base, gen, feats, kw,
+                                       clip_denoised)
+            x_hats.append(rec.cpu())
+        for m, v in mp.items():
+            per.setdefault(m, []).append(v.cpu())
     maps_t = {m: torch.cat(v) for m, v in per.items()}
     used_scales: dict[str, float] = {}
-    if "combined" in methods:
+    if "combined" in spec.maps:
         used_scales = map_scales(maps_t) if scales is None else {k: float(scales[k]) for k in maps_t}
         maps_t["combined"] = combine_maps(maps_t, weights, used_scales)  # type: ignore[assignment]
     if out_size is not None:
-        maps = {m: to_image_grid(maps_t[m], out_size) for m in methods}
+        maps = {m: to_image_grid(maps_t[m], out_size) for m in spec.maps}
     else:
-        maps = {m: maps_t[m][:, 0].numpy().astype(np.float32) for m in methods}
-    scores = {m: image_scores(maps[m], pool) for m in methods}
+        maps = {m: maps_t[m][:, 0].numpy().astype(np.float32) for m in spec.maps}
+    scores = {m: image_scores(maps[m], pool) for m in spec.maps}
     grid = int(next(iter(maps.values())).shape[-2]) if maps else int(x_all.shape[-2])
-    nfe = (counter.images - probe_images) / max(N, 1)
+    nfe = 0.0 if counter is None else (counter.images - probe) / max(N, 1)
     return LocalizationResult(
         maps=maps,
         scores=scores,
-        x_hat=torch.cat(x_hats).numpy() if x_hats else np.zeros((0,) + tuple(x_all.shape[1:]), np.float32),
+        x_hat=torch.cat(x_hats).numpy() if x_hats else None,
         scales=used_scales,
         nfe=float(nfe),
         settings={
-            "t0": int(t0), "steps": int(steps), "methods": methods,
-            "denoise_t0": None if denoise_t0 is None else int(denoise_t0), "feature_t": int(feature_t),
+            **spec.to_dict(), "seed": int(seed), "num_timesteps": T,
+            "t0_timesteps": [timestep_of(f, T, spec.steps) for f in spec.t0] if T else None,
+            "feature_t": int(feature_t),
             "feature_layers": None if feats is None else list(feats.layers),
             "pixel_power": pixel_power,
             "smooth_sigma": default_smooth_sigma(int(x_all.shape[-1])) if smooth_sigma is None else float(smooth_sigma),
             "pool": max(1, grid // 8) if pool is None else int(pool),
-            "out_size": None if out_size is None else tuple(int(v) for v in out_size),
-            "weights": dict(weights) if weights is not None else {m: 1.0 for m in base},
+            "out_size": None if out_size is None else [int(v) for v in out_size],
+            "weights": dict(weights) if weights is not None else None,
         },
     )

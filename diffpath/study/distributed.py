@@ -179,6 +179,8 @@ def run_sharded(
     progress: bool = True,
     timeout_min: float = 120.0,
     work_dir: str | Path | None = None,
+    cache_config: CacheConfig | None = None,
+    keep_finished: bool = False,
 ) -> dict[str, np.ndarray] | None:
     """Compute the error cache of ``x0`` into ``out``, sharded over the torchrun processes.
 
@@ -193,6 +195,8 @@ def run_sharded(
         data_key: identifies the input (a resumed run must match it).
         work_dir: where the chunk parts go (default ``out + ".parts"``); must be a folder every
             rank can see (a shared file system across nodes).
+        cache_config: the whole :class:`CacheConfig` (overrides the separate settings above).
+        keep_finished: keep the merged cache in ``work_dir`` (see :func:`compute_cache`).
 
     Returns:
         The merged cache on rank 0, ``None`` on the other ranks. The process group is destroyed at
@@ -207,17 +211,42 @@ def run_sharded(
         m = load_model(model, device=env.device, options=opts)
         if not isinstance(x0, np.ndarray):
             x0 = load_x0(x0, channels=m.channels, size=m.image_size)
-        cfg = CacheConfig(families=tuple(families), steps=steps, batch_size=batch_size,
-                          chunk_size=chunk_size, clip_denoised=clip_denoised, n_maps=n_maps,
-                          score_error=ScoreErrorConfig(seed=seed, noise_key=noise_key))
+        cfg = cache_config or CacheConfig(
+            families=tuple(families), steps=steps, batch_size=batch_size, chunk_size=chunk_size,
+            clip_denoised=clip_denoised, n_maps=n_maps, score_error=ScoreErrorConfig(seed=seed, noise_key=noise_key))
         kwargs: dict[str, Any] = {}
         if work_dir is not None:
             kwargs["work_dir"] = work_dir
         return compute_cache(m, x0, cfg, out=out, data_key=data_key, progress=progress,
-                             rank=env.rank, world_size=env.world_size,
+                             rank=env.rank, world_size=env.world_size, keep_finished=keep_finished,
                              barrier=env.barrier if env.world_size > 1 else None, **kwargs)
     finally:
         env.close()
+
+
+def _run_stage_shards(dataset: str, split: str, *, params_file: str | Path, backend: str, progress: bool,
+                      timeout_min: float) -> dict[str, np.ndarray] | None:
+    """The errors stage's pass over one (data set, split), sharded: the same model, run options,
+    settings, input and data key as the stage's notebook, into the stage's own work area with the
+    finished cache kept there, so that ``dvc repro errors@DATASET`` copies it instead of
+    recomputing (and records it in ``dvc.lock``)."""
+    from diffpath.data import checksum
+    from diffpath.study.layout import Layout, read_npz
+    from diffpath.study.stages import load_params
+
+    params = load_params(params_file)
+    layout = Layout.of(params)
+    model = params["model"]
+    errors = dict(params["errors"])
+    x0 = read_npz(layout.prepared(dataset, split), ("x0",))["x0"]
+    run = {k: model[k] for k in ("precision", "channels_last", "compile", "cuda_graphs") if k in model}
+    cache = run_sharded(model["spec"], x0, layout.errors(dataset, split), run_options=run, backend=backend,
+                        device=str(model.get("device", "auto")), data_key=checksum(x0), progress=progress,
+                        timeout_min=timeout_min, work_dir=layout.work("errors", dataset, split),
+                        cache_config=CacheConfig.from_params(**errors), keep_finished=True)
+    if cache is not None:
+        cache["__out__"] = str(layout.errors(dataset, split))
+    return cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,9 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute the error cache, sharded over torchrun processes "
                     "(torchrun --nproc_per_node N -m diffpath.study.distributed ...).",
     )
-    p.add_argument("--model", required=True, help="diffusers folder, improved-diffusion .pt, or hub id")
-    p.add_argument("--x0", required=True, help=".npy (float N×C×H×W in [-1, 1]) or .npz (x0 / images)")
-    p.add_argument("--out", required=True, help="the cache .npz")
+    p.add_argument("--stage", nargs=2, metavar=("DATASET", "SPLIT"),
+                   help="compute the errors stage's cache of DATASET/SPLIT exactly as `dvc repro` would "
+                        "(model, settings and paths from --params); the stage then reuses it")
+    p.add_argument("--params", default="params.yaml", help="with --stage: the parameters file")
+    p.add_argument("--model", help="diffusers folder, improved-diffusion .pt, or hub id")
+    p.add_argument("--x0", help=".npy (float N×C×H×W in [-1, 1]) or .npz (x0 / images)")
+    p.add_argument("--out", help="the cache .npz")
     p.add_argument("--families", default=",".join(FAMILIES), help="diffpath,diffpathv2 (default both)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=256)
@@ -262,7 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = {"precision": args.precision, "channels_last": args.channels_last,
             "compile": args.compile, "cuda_graphs": args.cuda_graphs}
     try:
-        cache = run_sharded(
+        if args.stage:
+            cache = _run_stage_shards(*args.stage, params_file=args.params, backend=args.backend,
+                                      progress=not args.no_progress, timeout_min=args.timeout_min)
+            args.out = cache.pop("__out__") if cache is not None else None
+        elif not (args.model and args.x0 and args.out):
+            raise ValueError("give --stage DATASET SPLIT, or all of --model, --x0 and --out")
+        else:
+          cache = run_sharded(
             args.model, args.x0, args.out,
             families=[f.strip() for f in args.families.split(",") if f.strip()],
             steps=args.steps, batch_size=args.batch_size, chunk_size=args.chunk_size,
@@ -270,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_maps=args.n_maps, run_options=opts, backend=args.backend, device=args.device,
             data_key=args.data_key, progress=not args.no_progress, timeout_min=args.timeout_min,
             work_dir=args.work_dir,
-        )
+          )
     except (InputError, ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"diffpath.study.distributed: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
