@@ -136,3 +136,41 @@ def test_run_options_from_params():
         run_options_from_params({"precision": "fp8"}, cpu)
     with pytest.raises(ValueError, match="boolean"):
         run_options_from_params({"compile": "maybe"}, cpu)
+
+
+def test_stage_mode_leaves_a_finished_cache_the_errors_stage_reuses(tmp_path, fixture_dir, monkeypatch):
+    """`--stage DATASET SPLIT` computes with the stage's own model, settings, input and data key,
+    into the stage's work area: the stage's compute_cache then copies it without a model pass."""
+    import yaml
+
+    from diffpath.data import checksum
+    from diffpath.study.distributed import main
+    from diffpath.study.layout import Layout
+    from diffpath.study.stages import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    params["model"].update(spec=str(fixture_dir / "diffpath_tiny.pt"), device="cpu")
+    params["errors"].update(steps=STEPS, batch_size=BATCH, chunk_size=CHUNK, n_maps=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    layout = Layout.of(params, tmp_path)
+    x0 = _images(N)
+    layout.prepared("mnist", "test").parent.mkdir(parents=True)
+    np.savez(layout.prepared("mnist", "test"), x0=x0)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--stage", "mnist", "test", "--device", "cpu", "--backend", "gloo", "--no-progress"]) == 0
+    out = Layout.of(params).errors("mnist", "test")
+    first = dict(np.load(out))
+    out.unlink()  # as DVC does before it reruns a stage
+
+    # the errors stage's own call (notebooks/20_errors.ipynb), with a model that must not be run
+    model = load_model(params["model"]["spec"], device="cpu",
+                       options=run_options_from_params({k: params["model"][k] for k in
+                                                        ("precision", "channels_last", "compile", "cuda_graphs")}, "cpu"))
+    monkeypatch.setattr(model.net, "forward", lambda *a, **k: pytest.fail("the model ran again"))
+    cfg = CacheConfig.from_params(**params["errors"])
+    again = compute_cache(model, x0, cfg, out=Layout.of(params).errors("mnist", "test"),
+                          work_dir=Layout.of(params).work("errors", "mnist", "test"), data_key=checksum(x0),
+                          keep_finished=True, progress=False)
+    assert set(again) == set(first)
+    for k in first:
+        np.testing.assert_array_equal(again[k], first[k])
