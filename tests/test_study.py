@@ -180,12 +180,16 @@ def test_base_model_eval_and_localization_stages_run_on_it(trained):
     assert len(curve) == 3 and metrics["n_eval_images"] == 8
     assert metrics["mean_heldout_loss_trained"] == pytest.approx(curve["loss_trained"].mean(), rel=1e-12)
 
-    p["localization"].update(datasets=["fashion_mnist"], n_per_class=1, t0=100, steps=2, batch_size=8)
+    p["localization"].update(datasets=["fashion_mnist"], n_per_class=2, batch_size=8, n_boot=20, n_figure=1)
+    for row in p["localization"]["rows"].values():  # 2 DDIM steps per walk: a quick run
+        if "steps" in row:
+            row["steps"] = 2
     run_stage("localization", params=p, cwd=work)
     loc = pd.read_csv(work / "reports/localization.csv")
-    assert sorted(loc["method"]) == sorted(p["localization"]["methods"])
+    assert sorted(loc["method"]) == sorted(p["localization"]["rows"])
+    assert (loc["n_images"] == 20).all() and (loc["n_anomalous"] == 10).all()  # two per class, half anomalous
+    assert (loc["pixel_auroc_lo"] <= loc["pixel_auroc"]).all() and (loc["pixel_auroc"] <= loc["pixel_auroc_hi"]).all()
     summary = json.loads((work / "reports/localization.json").read_text())
-    assert summary["images"] == {"fashion_mnist": 10}  # one image per class
     assert "seconds" not in json.dumps(summary)  # nothing that changes from run to run
 
 

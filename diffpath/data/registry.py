@@ -69,6 +69,7 @@ __all__ = [
     "available_datasets",
     "dataset_info",
     "subset_indices",
+    "split_size",
     "load_split",
     "prepare",
 ]
@@ -145,6 +146,18 @@ def subset_indices(count: int, n: int | None, seed: int = 0) -> np.ndarray:
     if not 0 <= n <= count:
         raise ValueError(f"n={n} is outside 0..{count} (the size of this split)")
     return np.random.default_rng(seed).permutation(count)[:n]
+
+
+def split_size(name: str, split: str, *, root: str | Path | None = None, download: bool = True) -> int:
+    """The number of images of a split *as it is on disk* (``dataset_info(name).sizes`` holds the
+    registry's nominal sizes: the full downloads). Paper sets are read (or downloaded) from
+    ``root``; CelebA and DTD count their file lists without decoding an image."""
+    _check_name(name)
+    _check_split(split)
+    if name in EMBEDDED:
+        return len(EMBEDDED[name](split))
+    root = Path(root) if root is not None else default_root()
+    return len(load_paper_split(name, split, root, download, _INFO[name].native_size))
 
 
 def load_split(

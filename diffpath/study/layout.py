@@ -17,13 +17,19 @@ tables, figures                ``reports/tables/``, ``reports/figures/<stage>/``
 executed notebooks             ``reports/notebooks/<notebook>[_<item>].ipynb``
 wall times (not results)       ``reports/timings/<stage>[_<item>].json`` (git-ignored)
 =============================  ==================================================================
+
+``data`` and ``reports`` are the profile's roots (``params.yaml``'s ``layout`` section): the
+embedded profile uses ``data`` and ``reports``, the paper profile ``data/paper`` and
+``reports/paper``; ``dvc.yaml`` declares ``${layout.data}`` and ``${layout.reports}``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,17 +52,25 @@ class Layout:
         object.__setattr__(self, "root", Path(self.root))
 
     @classmethod
-    def enter(cls, root: str | Path = ".") -> Layout:
+    def enter(cls, root: str | Path = ".", data: str = "data", reports: str = "reports") -> Layout:
         """Change into the study's root and return its layout (for the notebooks).
 
         The root is ``root`` itself when it holds ``params.yaml``, else the nearest parent that
         does (a notebook opened in JupyterLab runs in ``notebooks/``), else ``root`` as given (a
-        scratch folder, as the tests use).
+        scratch folder, as the tests use). ``data`` and ``reports`` are the profile's output
+        folders (``params.yaml``'s ``layout`` section: ``data/paper`` and ``reports/paper`` for
+        the paper profile, so that it never writes over the embedded profile's results).
         """
         start = Path(root).resolve()
         found = next((p for p in (start, *start.parents) if (p / "params.yaml").is_file()), start)
         os.chdir(found)
-        return cls(Path("."))
+        return cls(Path("."), data=str(data), reports=str(reports))
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any], root: str | Path = ".") -> Layout:
+        """The layout a params mapping selects (its ``layout`` section; defaults without one)."""
+        section = params.get("layout") or {}
+        return cls(Path(root), data=str(section.get("data", "data")), reports=str(section.get("reports", "reports")))
 
     def _d(self, *parts: str) -> Path:
         return self.root / self.data / Path(*parts)
@@ -128,6 +142,10 @@ class Layout:
 
     def localization_json(self) -> Path:
         return self._r("localization.json")
+
+    def timesteps_csv(self) -> Path:
+        """AUROC per (feature family, window of timesteps, pair): :mod:`diffpath.study.timesteps`."""
+        return self._r("timesteps.csv")
 
     def timings(self, stage: str, item: str | None = None) -> Path:
         """Wall times of a stage's run: git-ignored and no DVC output, so that the results stay

@@ -66,13 +66,18 @@ class Stage:
         """The keys ``dvc.yaml`` declares for this stage."""
         return [p.split(" as ")[0].removesuffix(".*") for p in self.params]
 
-    def executed_path(self, item: str | None = None) -> str:
-        return str(_L.executed_notebook(self.notebook, item))
+    def executed_path(self, item: str | None = None, layout: Layout | None = None) -> str:
+        """Where the executed notebook goes (``${layout.reports}/notebooks/...`` in ``dvc.yaml``;
+        under ``layout``'s reports folder when a layout is given)."""
+        return str((layout or _L).executed_notebook(self.notebook, item))
 
 
-_L = Layout()
+# Every path is under the profile's roots, so profiles never write over each other's results.
+_L = Layout(data="${layout.data}", reports="${layout.reports}")
 _I = "${item}"
-_MODEL = ("model.spec as model_dir", "model.device as device")
+_LAYOUT = ("layout.data as data_dir", "layout.reports as reports_dir")
+_MODEL = ("model.spec as model_dir", "model.device as device", *_LAYOUT)
+_MODEL_DEPS = ("${model.spec}", "${model.settings}")  # the weights and the file holding their settings
 _RUN = ("model.precision", "model.channels_last", "model.compile", "model.cuda_graphs")
 _BASE = _L.base_model_dir()
 
@@ -80,37 +85,45 @@ STAGES: dict[str, Stage] = {
     "base_model": Stage(
         "notebooks/00_base_model.ipynb", ("base_model.*",), frozen=True, results=("${base_model.out_dir}",)),
     "base_model_eval": Stage(
-        "notebooks/01_base_model_eval.ipynb", (*_MODEL, "base_model_eval.*"), deps=("${model.spec}",),
+        "notebooks/01_base_model_eval.ipynb", (*_MODEL, "layout.downloads", "base_model_eval.*"), deps=_MODEL_DEPS,
         plots=(str(_BASE / "loss_per_timestep.png"), str(_BASE / "samples.png"),
                (str(_BASE / "loss_per_timestep.csv"), {"cache": False, "x": "timestep", "y": "loss_trained"})),
         metrics=(str(_BASE / "metrics.json"),)),
     "data": Stage(
-        "notebooks/10_data.ipynb", ("data.*",), item="dataset", foreach="data.datasets",
+        "notebooks/10_data.ipynb", (*_LAYOUT, "layout.downloads", "data.*"), item="dataset", foreach="data.datasets",
         outs=(str(_L.prepared_dir(_I)),)),
     "errors": Stage(
         "notebooks/20_errors.ipynb", (*_MODEL, *_RUN, "data.in_dist", "errors.*"), item="dataset",
-        foreach="data.datasets", deps=(str(_L.prepared_dir(_I)), "${model.spec}"), outs=(str(_L.errors_dir(_I)),)),
+        foreach="data.datasets", deps=(str(_L.prepared_dir(_I)), *_MODEL_DEPS), outs=(str(_L.errors_dir(_I)),)),
     "scorers": Stage(
-        "notebooks/40_scorers.ipynb", ("data.in_dist", "methods", "scorers.*"),
+        "notebooks/40_scorers.ipynb", (*_LAYOUT, "data.in_dist", "methods", "scorers.*"),
         deps=(str(_L.errors_dir("")).rstrip("/"),), outs=(str(_L.scorers_dir()),)),
     "evaluate": Stage(
-        "notebooks/50_evaluate.ipynb", ("data.in_dist", "data.datasets", "methods"),
+        "notebooks/50_evaluate.ipynb", (*_LAYOUT, "data.in_dist", "data.datasets", "methods"),
         deps=(str(_L.errors_dir("")).rstrip("/"), str(_L.scorers_dir())), outs=(str(_L.scores_dir()),),
         results=(str(_L.results_csv()),), metrics=(str(_L.metrics_json()),)),
     "report": Stage(
-        "notebooks/60_report.ipynb", ("data.in_dist", "data.datasets", "methods", "report.*"),
+        "notebooks/60_report.ipynb", (*_LAYOUT, "data.in_dist", "data.datasets", "methods", "report.*"),
         deps=(str(_L.results_csv()), str(_L.scores_dir())), outs=(str(_L.html("report")),),
         results=(str(_L.tables_dir()),), plots=(str(_L.figures_dir("report")),), html=True),
     "walkthrough": Stage(
         "notebooks/70_walkthrough.ipynb", (*_MODEL, "errors.steps", "errors.seed", "walkthrough.*"),
         deps=(str(_L.prepared_dir("")).rstrip("/"), str(_L.errors_dir("")).rstrip("/"), str(_L.scorers_dir()),
-              "${model.spec}"),
+              *_MODEL_DEPS),
         outs=(str(_L.html("walkthrough")), str(_L.figures_dir("walkthrough"))), html=True),
     "localization": Stage(
-        "notebooks/30_localization.ipynb", (*_MODEL, "localization.*"), deps=("${model.spec}",),
+        "notebooks/30_localization.ipynb", (*_MODEL, "localization.*"), deps=_MODEL_DEPS,
         outs=(str(_L.figures_dir("localization")),),
         results=(str(_L.localization_csv()), str(_L.localization_per_class_csv())),
         metrics=(str(_L.localization_json()),)),
+    "localization_walkthrough": Stage(
+        "notebooks/35_localization_walkthrough.ipynb", (*_MODEL, "localization_walkthrough.*"),
+        deps=_MODEL_DEPS, outs=(str(_L.html("localization_walkthrough")),
+                                str(_L.figures_dir("localization_walkthrough"))), html=True),
+    "timesteps": Stage(
+        "notebooks/55_timesteps.ipynb", ("data.in_dist", "data.datasets"),
+        deps=(str(_L.errors_dir("")).rstrip("/"),), results=(str(_L.timesteps_csv()),),
+        plots=(str(_L.figures_dir("timesteps")),)),
 }
 
 
@@ -189,7 +202,8 @@ def run_stage(
     p = dict(params) if params is not None else load_params(cwd / params_file)
     nb_params = stage_parameters(stage, p, item)
     st = STAGES[stage]
-    out = Path(output) if output is not None else cwd / st.executed_path(item)
+    layout = Layout.of(p)
+    out = Path(output) if output is not None else cwd / st.executed_path(item, layout)
     out.parent.mkdir(parents=True, exist_ok=True)
     notebook = cwd / st.notebook if (cwd / st.notebook).is_file() else ROOT / st.notebook
     try:
@@ -206,7 +220,7 @@ def run_stage(
         if exc.ename == StageInputError.__name__:  # a bad input artifact: one line, not a traceback
             raise StageInputError(f"stage {stage}: {exc.evalue} (executed notebook: {out})") from None
         raise
-    normalize_executed(out, st.notebook, st.executed_path(item))
+    normalize_executed(out, st.notebook, st.executed_path(item, layout))
     return out
 
 
