@@ -105,6 +105,12 @@ def weighted_pro(maps: np.ndarray, masks: np.ndarray, counts: np.ndarray, fpr_li
     z = np.zeros((len(cw), 1))
     fpr = np.minimum(np.concatenate([z, fpr], axis=1), 1.0)
     pro = np.minimum(np.concatenate([z, pro], axis=1), 1.0)
+    return _pro_area(fpr, pro, R, Nn, fpr_limit)
+
+
+def _pro_area(fpr: np.ndarray, pro: np.ndarray, R: np.ndarray, Nn: np.ndarray, fpr_limit: float) -> np.ndarray:
+    """(B,) normalised area under each replicate's PRO curve up to ``fpr_limit`` from (B, K) curve
+    points; NaN where a replicate has no anomalous region (``R``) or no normal pixel (``Nn``)."""
     x0, x1, y0, y1 = fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:]
     x1c = np.minimum(x1, fpr_limit)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -164,14 +170,7 @@ def _pro_grid(m: np.ndarray, g: np.ndarray, counts: np.ndarray, fpr_limit: float
     z, o = np.zeros((len(cw), 1)), np.ones((len(cw), 1))
     fpr = np.minimum(np.concatenate([z, fpr, o], axis=1), 1.0)
     pro = np.minimum(np.concatenate([z, pro, o], axis=1), 1.0)
-    x0, x1, y0, y1 = fpr[:, :-1], fpr[:, 1:], pro[:, :-1], pro[:, 1:]
-    x1c = np.minimum(x1, fpr_limit)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        y1c = np.where(x1 > x0, y0 + (y1 - y0) * (x1c - x0) / (x1 - x0), y1)
-    area = np.where(x0 < fpr_limit, (x1c - x0) * (y0 + y1c) / 2.0, 0.0).sum(1)
-    out = area / fpr_limit
-    out[(R <= 0) | (Nn <= 0)] = np.nan
-    return out
+    return _pro_area(fpr, pro, R, Nn, fpr_limit)
 
 
 def _per_class(maps, masks, scores, labels, classes, counts, fpr_limit, grid) -> dict[str, np.ndarray]:
