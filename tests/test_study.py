@@ -226,3 +226,25 @@ def test_a_rerun_gives_the_same_bytes(tmp_path):
     assert runs[0] == runs[1]
     meta = json.loads(runs[0])["metadata"]["papermill"]
     assert "start_time" not in meta and meta["input_path"] == "notebooks/10_data.ipynb"
+
+
+def test_executed_notebooks_do_not_depend_on_where_the_clone_is(tmp_path):
+    """Printed paths and warnings name the study root as '.', so two clones give the same bytes."""
+    from diffpath.study.stages import normalize_executed
+
+    texts = []
+    for clone in ("a", "b"):
+        root = tmp_path / clone
+        root.mkdir()
+        nb = {"cells": [{"cell_type": "code", "id": "x", "metadata": {}, "source": [], "execution_count": 1,
+                         "outputs": [{"output_type": "stream", "name": "stderr",
+                                      "text": [f"{root}/.venv/lib/tqdm/auto.py:21: TqdmWarning\n"]},
+                                     {"output_type": "execute_result", "execution_count": 1, "metadata": {},
+                                      "data": {"text/plain": [f"study root: {root}"]}}]}],
+              "metadata": {"papermill": {"start_time": "t", "input_path": str(root / "nb.ipynb")}},
+              "nbformat": 4, "nbformat_minor": 5}
+        f = root / "out.ipynb"
+        f.write_text(json.dumps(nb))
+        normalize_executed(f, "notebooks/nb.ipynb", "reports/notebooks/nb.ipynb", root=root)
+        texts.append(f.read_text())
+    assert texts[0] == texts[1] and "./.venv/lib" in texts[0] and str(tmp_path) not in texts[0]

@@ -220,7 +220,7 @@ def run_stage(
         if exc.ename == StageInputError.__name__:  # a bad input artifact: one line, not a traceback
             raise StageInputError(f"stage {stage}: {exc.evalue} (executed notebook: {out})") from None
         raise
-    normalize_executed(out, st.notebook, st.executed_path(item, layout))
+    normalize_executed(out, st.notebook, st.executed_path(item, layout), root=cwd)
     return out
 
 
@@ -243,11 +243,13 @@ def _kernel_env(**env: str) -> Iterator[None]:
 _RUN_METADATA = ("duration", "start_time", "end_time")
 
 
-def normalize_executed(path: str | os.PathLike, notebook: str, output: str) -> None:
+def normalize_executed(path: str | os.PathLike, notebook: str, output: str,
+                       root: str | os.PathLike | None = None) -> None:
     """Make an executed notebook a function of its inputs: drop the times papermill and the kernel
-    record (per notebook and per cell) and write the notebook's paths relative to the study root,
-    and give papermill's injected cell a fixed id, so that a rerun with the same code, params and
-    data gives the same bytes."""
+    record (per notebook and per cell), write the notebook's paths relative to the study root
+    (``root``, as it appears in printed text and warnings too: ``.``), and give papermill's injected
+    cell a fixed id, so that a rerun with the same code, params and data gives the same bytes in
+    any clone."""
     import json
 
     from diffpath.io import write_text_atomic
@@ -264,7 +266,29 @@ def normalize_executed(path: str | os.PathLike, notebook: str, output: str) -> N
             cell["id"] = "injected-parameters"  # papermill draws a random id for the cell it adds
         for key in _RUN_METADATA:
             meta.get("papermill", {}).pop(key, None)
+        if root is not None:
+            for out in cell.get("outputs", []):
+                _relative_text(out, str(Path(root).resolve()))
     write_text_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _relative_text(output: dict[str, Any], root: str) -> None:
+    """Replace the absolute study root by ``.`` in an output's text (streams, text/plain, errors)."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.replace(root, ".")
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+
+    if "text" in output:
+        output["text"] = fix(output["text"])
+    data = output.get("data", {})
+    for mime in ("text/plain", "text/html", "text/markdown"):
+        if mime in data:
+            data[mime] = fix(data[mime])
+    if "traceback" in output:
+        output["traceback"] = fix(output["traceback"])
 
 
 def render_html(notebook: str | os.PathLike, target: str | os.PathLike) -> None:
