@@ -106,3 +106,28 @@ def test_localize_command_writes_maps_overlays_and_scores(tiny_model_dir, tmp_pa
     assert main(["localize", "--model", str(tiny_model_dir), str(imgs), "--out", str(other)]) == 2
     assert main(["localize", "--model", str(tiny_model_dir), str(imgs), "--out", str(out), "--t0", "400"]) == 2
     assert (other / "keep.txt").exists()
+
+
+def test_localize_smooth_sigma_reaches_the_maps(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    import torch
+
+    from diffpath.cli import main
+    from diffpath.methods.maps import gaussian_smooth
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16), dtype=np.uint8)).save(imgs / "a.png")
+    base = ["localize", "--model", str(tiny_model_dir), str(imgs), "--t0", "0.2", "--steps", "2",
+            "--device", "cpu", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "raw"), "--smooth-sigma", "0"]) == 0
+    assert main([*base, "--out", str(tmp_path / "s3"), "--smooth-sigma", "3"]) == 0
+    raw = np.load(next((tmp_path / "raw").glob("*_map.npy")))
+    s3 = np.load(next((tmp_path / "s3").glob("*_map.npy")))
+    # a 16-px image on the 16-px model: no resizing, so the σ = 3 map is the raw map smoothed
+    want = gaussian_smooth(torch.from_numpy(raw)[None, None], 3.0)[0, 0].numpy()
+    np.testing.assert_allclose(s3, want, rtol=1e-6, atol=1e-7)  # same float32 operations
+    assert not np.allclose(raw, s3)
+    assert main([*base, "--out", str(tmp_path / "bad"), "--smooth-sigma", "-1"]) == 2
+    assert not (tmp_path / "bad").exists()
