@@ -228,6 +228,34 @@ def test_a_rerun_gives_the_same_bytes(tmp_path):
     assert "start_time" not in meta and meta["input_path"] == "notebooks/10_data.ipynb"
 
 
+def test_executed_notebooks_do_not_depend_on_how_printed_text_was_chunked(tmp_path):
+    """The kernel may deliver the same prints as one stream output or several, as it flushes."""
+    from diffpath.study.stages import normalize_executed
+
+    def cell(*chunks):
+        outs = [{"output_type": "stream", "name": name, "text": text} for name, text in chunks]
+        outs.append({"output_type": "execute_result", "execution_count": 1, "metadata": {},
+                     "data": {"text/plain": ["x"]}})
+        return {"cells": [{"cell_type": "code", "id": "x", "metadata": {}, "source": [],
+                           "execution_count": 1, "outputs": outs}],
+                "metadata": {"papermill": {}}, "nbformat": 4, "nbformat_minor": 5}
+
+    texts = []
+    for i, nb in enumerate([
+        cell(("stdout", ["a 1\n", "b 2\n", "c 3\n"]), ("stderr", "w\n")),
+        cell(("stdout", ["a 1\n", "b 2\n"]), ("stdout", ["c 3\n"]), ("stderr", ["w\n"])),
+        cell(("stdout", "a 1\nb"), ("stdout", " 2\nc 3\n"), ("stderr", "w\n")),
+    ]):
+        f = tmp_path / f"{i}.ipynb"
+        f.write_text(json.dumps(nb))
+        normalize_executed(f, "notebooks/nb.ipynb", "reports/notebooks/nb.ipynb")
+        texts.append(f.read_text())
+    assert texts[0] == texts[1] == texts[2]
+    outs = json.loads(texts[0])["cells"][0]["outputs"]
+    assert [o["output_type"] for o in outs] == ["stream", "stream", "execute_result"]
+    assert outs[0]["text"] == ["a 1\n", "b 2\n", "c 3\n"] and outs[1]["text"] == ["w\n"]
+
+
 def test_executed_notebooks_do_not_depend_on_where_the_clone_is(tmp_path):
     """Printed paths and warnings name the study root as '.', so two clones give the same bytes."""
     from diffpath.study.stages import normalize_executed

@@ -266,10 +266,35 @@ def normalize_executed(path: str | os.PathLike, notebook: str, output: str,
             cell["id"] = "injected-parameters"  # papermill draws a random id for the cell it adds
         for key in _RUN_METADATA:
             meta.get("papermill", {}).pop(key, None)
+        if "outputs" in cell:
+            cell["outputs"] = _merge_streams(cell["outputs"])
         if root is not None:
             for out in cell.get("outputs", []):
                 _relative_text(out, str(Path(root).resolve()))
     write_text_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _merge_streams(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join consecutive outputs of one stream (stdout or stderr) into one, text split into lines.
+
+    How the kernel chunks printed text into stream messages depends on timing (when its buffer is
+    flushed), so the same prints can come back as one output or several."""
+    merged: list[dict[str, Any]] = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and prev is not None
+                and prev.get("output_type") == "stream" and prev.get("name") == out.get("name")):
+            prev["text"] = _as_text(prev["text"]) + _as_text(out["text"])
+        else:
+            merged.append(dict(out))
+    for out in merged:
+        if out.get("output_type") == "stream":
+            out["text"] = _as_text(out["text"]).splitlines(keepends=True)
+    return merged
+
+
+def _as_text(text: str | list[str]) -> str:
+    return text if isinstance(text, str) else "".join(text)
 
 
 def _relative_text(output: dict[str, Any], root: str) -> None:
