@@ -148,7 +148,8 @@ class Bench:
 
 
 def mix(*maps: torch.Tensor) -> torch.Tensor:
-    return sum(m / max(float(m.double().mean()), 1e-12) for m in maps)
+    """Each map divided by its set-level mean, summed (:func:`~diffpath.methods.maps.combine_maps`)."""
+    return M.combine_maps({str(i): m for i, m in enumerate(maps)})
 
 
 #: name → (UNet evaluations per image, maps at σ); σ is applied inside, since the reductions and the
