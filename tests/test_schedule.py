@@ -49,3 +49,28 @@ def test_bad_schedules_are_refused():
         NoiseSchedule(np.array([0.1, 1.5]))
     with pytest.raises(ValueError):
         NoiseSchedule.named("linear", 10).alpha_bar([10])
+
+
+def test_q_sample_and_predict_x0_are_inverse_and_round_coefficients_once():
+    """q_sample/predict_x0 are the schedule's one noising formula and its inverse: coefficients
+    in float64, rounded once to the images' dtype; per-image timesteps broadcast over (C, H, W)."""
+    import torch
+
+    s = NoiseSchedule.named("linear", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 2, 8, 8, generator=g) * 2 - 1
+    eps = torch.randn(4, 2, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    xt = s.q_sample(x0, t, eps)
+    ab = s.alphas_cumprod[t.numpy()]
+    for i in range(4):
+        a = torch.tensor(np.sqrt(ab[i]), dtype=torch.float32)
+        b = torch.tensor(np.sqrt(1.0 - ab[i]), dtype=torch.float32)
+        assert torch.equal(xt[i], a * x0[i] + b * eps[i])
+    # one integer timestep gives the same as a tensor of it
+    assert torch.equal(s.q_sample(x0, 500, eps)[2], xt[2])
+    # the inverse, in float64 so only the formula is tested: exact up to rounding
+    x0d, epsd = x0.double(), eps.double()
+    back = s.predict_x0(s.q_sample(x0d, t, epsd), t, epsd)
+    assert torch.allclose(back, x0d, rtol=0, atol=1e-12 / np.sqrt(ab.min()))  # float64 rounding × 1/√ᾱ
+    assert s.predict_x0(xt, t, eps).dtype == torch.float32

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "NoiseSchedule",
@@ -152,6 +153,41 @@ class NoiseSchedule:
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}]")
         return self.alphas_cumprod[t]
 
+    def coefficients(self, names: Sequence[str], t: int | torch.Tensor,
+                     like: torch.Tensor) -> list[torch.Tensor]:
+        """Per-timestep coefficients as tensors that broadcast against ``like`` (B, ...).
+
+        Computed in float64 from ᾱ_t and rounded once to ``like``'s dtype, on its device, as
+        improved-diffusion's ``_extract_into_tensor``. ``t`` is one integer timestep (0-d results)
+        or a (B,) int64 tensor (results (B, 1, ..., 1)). ``names``: ``"sqrt_ab"`` √ᾱ,
+        ``"sqrt_1m_ab"`` √(1−ᾱ), ``"sqrt_recip_ab"`` √(1/ᾱ), ``"sqrt_recipm1_ab"`` √(1/ᾱ − 1).
+        """
+        steps = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(int(t))
+        ab = self.alpha_bar(steps)
+        shape = (-1,) + (1,) * (like.ndim - 1) if ab.ndim else ()
+        out = []
+        for name in names:
+            v = _COEFFICIENTS[name](ab)
+            out.append(torch.from_numpy(np.asarray(v, dtype=np.float64)).to(like.device, like.dtype).reshape(shape))
+        return out
+
+    def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Forward noising: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (improved-diffusion's ``q_sample``).
+
+        Args:
+            x0: (B, C, H, W) clean images.
+            t: one timestep, or (B,) int64 timesteps.
+            noise: ε, the shape of ``x0``.
+        """
+        a, s = self.coefficients(("sqrt_ab", "sqrt_1m_ab"), t, x0)
+        return a * x0 + s * noise
+
+    def predict_x0(self, x_t: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """The clean image implied by ε at x_t: x̂0 = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε
+        (improved-diffusion's ``_predict_xstart_from_eps``); shapes as :meth:`q_sample`."""
+        r, rm1 = self.coefficients(("sqrt_recip_ab", "sqrt_recipm1_ab"), t, x_t)
+        return r * x_t - rm1 * eps
+
     def respaced_timesteps(self, n_steps: int) -> list[int]:
         """The ``n_steps`` original timesteps a DDIM-``n_steps`` process visits (ascending)."""
         return space_timesteps(self.num_timesteps, n_steps)
@@ -162,6 +198,15 @@ class NoiseSchedule:
         kept = self.alpha_bar(sorted(timesteps))
         prev = np.concatenate([[1.0], kept[:-1]])
         return NoiseSchedule(1.0 - kept / prev, name=f"{self.name}-respaced")
+
+
+#: float64 coefficients of ᾱ (see :meth:`NoiseSchedule.coefficients`)
+_COEFFICIENTS = {
+    "sqrt_ab": np.sqrt,
+    "sqrt_1m_ab": lambda ab: np.sqrt(1.0 - ab),
+    "sqrt_recip_ab": lambda ab: np.sqrt(1.0 / ab),
+    "sqrt_recipm1_ab": lambda ab: np.sqrt(1.0 / ab - 1.0),
+}
 
 
 def alphas_cumprod_of(model: Any, alphas_cumprod: np.ndarray | None = None) -> np.ndarray:

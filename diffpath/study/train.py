@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,11 @@ class TrainConfig:
         seed: seeds initialisation, batch order, timesteps and noise.
         log_every, checkpoint_every: intervals in steps (loss log line; resumable checkpoint).
         num_threads: torch CPU threads (``None`` leaves torch's setting alone).
+        init_from: a pipeline folder (:func:`save_pipeline`) whose UNet weights initialise both
+            the network and its EMA: a run that continues an earlier model with a fresh
+            optimiser (``None``: initialise from ``seed``).
+        precision: ``"fp32"``, or ``"bf16"`` autocast of the forward pass.
+        channels_last: NHWC convolutions; compile: ``torch.compile`` the training step.
     """
 
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -128,12 +134,21 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 250
     num_threads: int | None = None
+    init_from: str | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):
             self.unet = UNetConfig(**self.unet)
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,10 +165,15 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to be resumed (not the intervals or
-        thread count, which do not change the result)."""
+        thread count; the new options only when they differ from their defaults, so checkpoints
+        written before them still resume)."""
         d = self.to_dict()
         for k in ("log_every", "checkpoint_every", "num_threads"):
             d.pop(k)
+        for k, default in (("init_from", None), ("precision", "fp32"), ("channels_last", False),
+                           ("compile", False)):
+            if d[k] == default:
+                d.pop(k)
         return json.loads(json.dumps(d))  # tuples → lists, as stored
 
     def can_resume(self, stored: dict[str, Any]) -> bool:
@@ -264,6 +284,121 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
 # the loop
 
 
+@dataclass
+class _RunState:
+    """Everything a checkpoint holds: the networks, the optimiser, the random source and where
+    the run is in its shuffled epoch."""
+
+    model: nn.Module
+    ema: nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    perm: torch.Tensor
+    pos: int = 0
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def checkpoint(self, cfg: TrainConfig, n: int) -> dict[str, Any]:
+        return {"config": cfg.identity(), "num_images": n, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(), "perm": self.perm, "pos": self.pos,
+                "step": self.step, "history": self.history}
+
+
+def _fresh_state(cfg: TrainConfig, n: int) -> _RunState:
+    """Networks initialised from ``cfg.seed`` (or from ``cfg.init_from``'s weights), an AdamW
+    optimiser and the run's one random generator, which draws the first epoch's order."""
+    model = build_unet(cfg)
+    if cfg.init_from:
+        model.load_state_dict(_init_weights(cfg.init_from))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.999),
+                            weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return _RunState(model=model, ema=ema, opt=opt, gen=gen, perm=torch.randperm(n, generator=gen))
+
+
+def _init_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The UNet weights of a saved pipeline folder (``unet/diffusion_pytorch_model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"init_from: {path} not found (a pipeline folder written by save_pipeline)")
+    return load_file(str(path))
+
+
+def _resume(state: _RunState, ckpt_path: Path, cfg: TrainConfig, n: int) -> None:
+    """Load a checkpoint into ``state``, refusing one written by another configuration."""
+    saved = load_checkpoint(ckpt_path)
+    if not cfg.can_resume(saved["config"]):
+        raise ValueError(f"{ckpt_path}: checkpoint was written by a different TrainConfig; "
+                         "pass resume=False (or another checkpoint_dir) to start afresh")
+    if int(saved["num_images"]) != n:
+        raise ValueError(f"{ckpt_path}: checkpoint was trained on {saved['num_images']} images, got {n}")
+    if int(saved["step"]) > cfg.steps:
+        raise ValueError(f"{ckpt_path}: checkpoint is at step {saved['step']}, beyond steps={cfg.steps}")
+    state.model.load_state_dict(saved["model"])
+    state.ema.load_state_dict(saved["ema"])
+    state.opt.load_state_dict(saved["optimizer"])
+    state.gen.set_state(saved["generator"])
+    state.perm, state.pos, state.step = saved["perm"], int(saved["pos"]), int(saved["step"])
+    state.history = [dict(r) for r in saved["history"]]
+
+
+def _next_batch(state: _RunState, x_all: torch.Tensor, cfg: TrainConfig,
+                schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The next ``(x_t, t, ε)``: a slice of the shuffled epoch (reshuffled when exhausted),
+    uniform timesteps and Gaussian noise, drawn in this fixed order from the run's generator."""
+    n, bs = x_all.shape[0], cfg.batch_size
+    if state.pos + bs > n:
+        state.perm = torch.randperm(n, generator=state.gen)
+        state.pos = 0
+    idx = state.perm[state.pos : state.pos + bs] if bs <= n else torch.randint(0, n, (bs,), generator=state.gen)
+    state.pos += min(bs, n)
+    x0 = x_all[idx]
+    t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), generator=state.gen)
+    eps = torch.randn(x0.shape, generator=state.gen)
+    return schedule.q_sample(x0, t, eps), t, eps
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x_t: torch.Tensor, t: torch.Tensor,
+               eps: torch.Tensor, *, lr: float, grad_clip: float = 0.0, precision: str = "fp32",
+               channels_last: bool = False, forward: Callable[..., Any] | None = None) -> torch.Tensor:
+    """One optimiser step on the ε-MSE of a batch; returns the (detached) loss.
+
+    ``precision="bf16"`` runs the forward pass under bfloat16 autocast (weights, gradients and
+    the optimiser stay float32); ``channels_last`` hands x_t to the network in NHWC;
+    ``forward`` replaces ``model``'s own call (a ``torch.compile`` of it)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    if channels_last:
+        x_t = x_t.contiguous(memory_format=torch.channels_last)
+    with _autocast(precision, x_t.device):
+        pred = (forward or model)(x_t, t).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), eps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return loss.detach()
+
+
+def _autocast(precision: str, device: torch.device) -> Any:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _log_row(step: int, lr: float, losses: list[float], decay: float, seconds: float,
+             device: str) -> dict[str, Any]:
+    return {"step": step, "lr": lr, "loss": sum(losses) / len(losses), "ema_decay": decay,
+            "sec_per_step": seconds / len(losses), "device": device}
+
+
 def train(
     cfg: TrainConfig,
     images: np.ndarray | torch.Tensor,
@@ -282,7 +417,7 @@ def train(
         cfg: the run's settings.
         images: ``(N, C, S, S)`` float in [-1, 1] (:func:`diffpath.data.to_model_input`).
         out_dir: run folder; gets ``train_log.csv`` (step, lr, loss averaged over the last
-            ``log_every`` steps, EMA decay, seconds) and ``train_config.json``.
+            ``log_every`` steps, EMA decay, seconds per step, device) and ``train_config.json``.
         resume: continue from ``checkpoint_dir/checkpoint.pt`` if it exists (its settings must
             match ``cfg``); ``False`` starts afresh and overwrites it.
         progress: print a line every ``log_every`` steps.
@@ -290,15 +425,9 @@ def train(
             written every ``checkpoint_every`` steps and at the end, atomically (tmp + rename).
         stop_at: stop after this many steps in all (a checkpoint is written there) without
             changing the schedule: used to test that resuming reproduces an uninterrupted run.
-        max_seconds: stop at the first checkpoint written after this many seconds of this call
-            (a wall-clock budget on a shared machine); ``TrainResult.step`` says where it stopped
-            and a later call resumes from there. With ``lr_schedule="constant"`` the weights
-            reached at step k do not depend on ``cfg.steps``, so ``steps=k`` reproduces them.
+        max_seconds: stop at the first checkpoint written after this many seconds of this call;
+            ``TrainResult.step`` says where it stopped and a later call resumes from there.
         callback: ``callback(step, ema_model)`` after each checkpoint (e.g. a sample grid).
-
-    Returns:
-        :class:`TrainResult` with the network, its EMA copy (the one to ship), the log and the
-        step reached.
 
     Every random draw (batch order, timesteps, noise) comes from one ``torch.Generator`` whose
     state is checkpointed, and each step's draws happen in a fixed order, so a resumed run ends
@@ -315,127 +444,56 @@ def train(
     x_all = _as_images(images, cfg)
     n = x_all.shape[0]
     schedule = train_schedule(cfg)
-    sqrt_ab = torch.from_numpy(np.sqrt(schedule.alphas_cumprod)).to(torch.float32)
-    sqrt_1mab = torch.from_numpy(np.sqrt(1.0 - schedule.alphas_cumprod)).to(torch.float32)
-
-    model = build_unet(cfg)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=lr_at(cfg, 0), betas=(0.9, 0.999), weight_decay=cfg.weight_decay
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step = 0
-    history: list[dict[str, float]] = []
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
-
+    state = _fresh_state(cfg, n)
     if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        if not cfg.can_resume(state["config"]):
-            raise ValueError(
-                f"{ckpt_path}: checkpoint was written by a different TrainConfig; "
-                "pass resume=False (or another checkpoint_dir) to start afresh"
-            )
-        if int(state["num_images"]) != n:
-            raise ValueError(f"{ckpt_path}: checkpoint was trained on {state['num_images']} images, got {n}")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        perm = state["perm"]
-        pos = int(state["pos"])
-        step = int(state["step"])
-        if step > cfg.steps:
-            raise ValueError(f"{ckpt_path}: checkpoint is at step {step}, beyond steps={cfg.steps}")
-        history = [dict(r) for r in state["history"]]
+        _resume(state, ckpt_path, cfg, n)
         if progress:
-            print(f"resumed from {ckpt_path} at step {step}", flush=True)
+            print(f"resumed from {ckpt_path} at step {state.step}", flush=True)
 
     def write_config() -> None:
-        info = {**cfg.to_dict(), "steps_completed": step, "num_images": n}
+        info = {**cfg.to_dict(), "steps_completed": state.step, "num_images": n}
         write_text_atomic(out / "train_config.json", json.dumps(info, indent=2) + "\n")
-
-    write_config()
 
     def save_checkpoint() -> None:
         with atomic_path(ckpt_path) as tmp:
-            torch.save({
-                "config": cfg.identity(),
-                "num_images": n,
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "generator": gen.get_state(),
-                "perm": perm,
-                "pos": pos,
-                "step": step,
-                "history": history,
-            }, tmp)
-        _write_log(out / LOG_NAME, history)
+            torch.save(state.checkpoint(cfg, n), tmp)
+        _write_log(out / LOG_NAME, state.history)
         write_config()
 
+    write_config()
+    forward = torch.compile(state.model) if cfg.compile else None
     end = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
-    model.train()
-    t_start = time.perf_counter()
-    run_loss, run_count, t0 = 0.0, 0, time.perf_counter()
-    bs = cfg.batch_size
-    while step < end:
-        # batch: next slice of a shuffled epoch (reshuffle when exhausted)
-        if pos + bs > n:
-            perm = torch.randperm(n, generator=gen)
-            pos = 0
-        idx = perm[pos : pos + bs] if bs <= n else torch.randint(0, n, (bs,), generator=gen)
-        pos += min(bs, n)
-        x0 = x_all[idx]
-        t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        xt = sqrt_ab[t].view(-1, 1, 1, 1) * x0 + sqrt_1mab[t].view(-1, 1, 1, 1) * eps
-
-        lr = lr_at(cfg, step)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        pred = model(xt, t).sample
-        loss = torch.nn.functional.mse_loss(pred, eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        decay = ema_decay_at(cfg, step)
-        _ema_update(ema, model, decay)
-        step += 1
-
-        run_loss += float(loss.detach())
-        run_count += 1
-        if step % cfg.log_every == 0 or step == end:
-            dt = time.perf_counter() - t0
-            row = {
-                "step": step,
-                "lr": lr,
-                "loss": run_loss / run_count,
-                "ema_decay": decay,
-                "sec_per_step": dt / run_count,
-            }
-            history.append(row)
+    state.model.train()
+    t_start = t0 = time.perf_counter()
+    losses: list[float] = []
+    while state.step < end:
+        x_t, t, eps = _next_batch(state, x_all, cfg, schedule)
+        lr = lr_at(cfg, state.step)
+        loss = train_step(state.model, state.opt, x_t, t, eps, lr=lr, grad_clip=cfg.grad_clip,
+                          precision=cfg.precision, channels_last=cfg.channels_last, forward=forward)
+        decay = ema_decay_at(cfg, state.step)
+        _ema_update(state.ema, state.model, decay)
+        state.step += 1
+        losses.append(float(loss))
+        if state.step % cfg.log_every == 0 or state.step == end:
+            row = _log_row(state.step, lr, losses, decay, time.perf_counter() - t0, str(x_t.device))
+            state.history.append(row)
             if progress:
-                print(
-                    f"step {step:6d}/{cfg.steps}  loss {row['loss']:.4f}  lr {lr:.2e}  "
-                    f"{row['sec_per_step']:.3f} s/step",
-                    flush=True,
-                )
-            run_loss, run_count, t0 = 0.0, 0, time.perf_counter()
-        if step % cfg.checkpoint_every == 0 or step == end:
+                print(f"step {state.step:6d}/{cfg.steps}  loss {row['loss']:.4f}  lr {lr:.2e}  "
+                      f"{row['sec_per_step']:.3f} s/step", flush=True)
+            losses, t0 = [], time.perf_counter()
+        if state.step % cfg.checkpoint_every == 0 or state.step == end:
             save_checkpoint()
             if callback is not None:
-                callback(step, ema)
+                callback(state.step, state.ema)
             if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
-                if progress and step < end:
-                    print(f"time budget of {max_seconds:.0f} s spent: stopping at step {step}", flush=True)
+                if progress and state.step < end:
+                    print(f"time budget of {max_seconds:.0f} s spent: stopping at step {state.step}", flush=True)
                 break
 
-    model.eval()
-    ema.eval()
-    return TrainResult(model=model, ema_model=ema, history=history, step=step)
+    state.model.eval()
+    state.ema.eval()
+    return TrainResult(model=state.model, ema_model=state.ema, history=state.history, step=state.step)
 
 
 # --------------------------------------------------------------------------------------------
