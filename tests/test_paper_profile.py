@@ -18,7 +18,8 @@ import pytest
 import yaml
 from paper_fakes import write_fake_downloads, write_tiny_checkpoint
 
-from diffpath.study.stages import STAGES, load_params, run_stage
+from diffpath.study.runner import run_stage
+from diffpath.study.stages import STAGES, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_SETS = ["cifar10", "svhn", "celeba", "cifar100", "textures_dtd"]

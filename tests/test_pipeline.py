@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_committed_dvc_yaml_is_the_generated_one():
     assert (ROOT / "dvc.yaml").read_text() == dvc_yaml(), (
-        "dvc.yaml is stale: run `python -m diffpath.study --write-dvc-yaml` and commit it")
+        "dvc.yaml is stale: run `python -m diffpath.study.pipeline --write-dvc-yaml` and commit it")
 
 
 def test_every_stage_depends_on_every_module_its_notebook_runs():
@@ -72,7 +72,7 @@ def test_notebooks_open_with_what_the_pipeline_passes_them():
         want = stage_defaults(name, params)
         wrong = {k: (defaults.get(k, "<missing>"), v) for k, v in want.items() if defaults.get(k, "<missing>") != v}
         assert not wrong, f"{st.notebook}: (notebook default, params.yaml) differ for {wrong}; " \
-                          "run `python -m diffpath.study --sync-notebooks`"
+                          "run `python -m diffpath.study.pipeline --sync-notebooks`"
 
 
 def test_sync_keeps_comments_and_other_lines(tmp_path):

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from diffpath.study.stages import STAGES, load_params, run_stage, stage_parameters
+from diffpath.study.runner import run_stage
+from diffpath.study.stages import STAGES, load_params, stage_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,10 +142,10 @@ def test_booleans_and_lists_reach_the_notebook_intact(study):
 
 
 def test_cli_overrides_parse_yaml_values(tmp_path):
-    from diffpath.study.stages import _override
+    from diffpath.study.runner import apply_overrides
 
     params = {"errors": {"clip_denoised": True}, "data": {"in_dist": ["a"]}}
-    _override(params, ["errors.clip_denoised=false", "data.in_dist=[a, b]", "errors.steps=5"])
+    apply_overrides(params, ["errors.clip_denoised=false", "data.in_dist=[a, b]", "errors.steps=5"])
     assert params == {"errors": {"clip_denoised": False, "steps": 5}, "data": {"in_dist": ["a", "b"]}}
 
 
@@ -230,7 +231,7 @@ def test_a_rerun_gives_the_same_bytes(tmp_path):
 
 def test_executed_notebooks_do_not_depend_on_how_printed_text_was_chunked(tmp_path):
     """The kernel may deliver the same prints as one stream output or several, as it flushes."""
-    from diffpath.study.stages import normalize_executed
+    from diffpath.study.runner import normalize_executed
 
     def cell(*chunks):
         outs = [{"output_type": "stream", "name": name, "text": text} for name, text in chunks]
@@ -258,7 +259,7 @@ def test_executed_notebooks_do_not_depend_on_how_printed_text_was_chunked(tmp_pa
 
 def test_executed_notebooks_do_not_depend_on_where_the_clone_is(tmp_path):
     """Printed paths and warnings name the study root as '.', so two clones give the same bytes."""
-    from diffpath.study.stages import normalize_executed
+    from diffpath.study.runner import normalize_executed
 
     texts = []
     for clone in ("a", "b"):

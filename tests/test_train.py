@@ -200,3 +200,33 @@ def test_schedules():
     assert lr_at(TrainConfig(**{**cfg.to_dict(), "lr_schedule": "constant"}), 80) == 1.0
     assert ema_decay_at(cfg, 0) == pytest.approx(0.1)
     assert ema_decay_at(cfg, 10_000) == cfg.ema_decay
+
+
+def test_a_chain_trains_the_continued_run_once_and_starts_from_its_ema(images, tmp_path):
+    """cfg.init: the continued run is trained (or found) in checkpoint_dir/init and its EMA weights
+    initialise the next run; a second call finds both finished and trains nothing."""
+    from diffpath.study.train import finished_run, train_chain
+
+    first = tiny_cfg(steps=6, lr_schedule="constant")
+    cfg = tiny_cfg(steps=4, seed=1, lr=1e-3, precision="bf16", init=first)
+    start = train_chain(cfg, images, tmp_path / "out", checkpoint_dir=tmp_path / "ck", progress=False)
+    assert start.step == 4 and finished_run(tmp_path / "ck" / "init", first)
+    alone = train(first, images, tmp_path / "alone", resume=False, progress=False)
+    # the continuation starts from the first run's EMA: stop it before its first step
+    zero = train(cfg, images, tmp_path / "zero", resume=False, progress=False, stop_at=0,
+                 init_weights=tmp_path / "ck" / "init")
+    for k, v in alone.ema_model.state_dict().items():
+        assert torch.equal(zero.model.state_dict()[k], v), k
+    # nothing left to do: the init run is not retrained and the last run resumes at its end
+    init_file = tmp_path / "ck" / "init" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = init_file.stat().st_mtime_ns
+    again = train_chain(cfg, images, tmp_path / "out", checkpoint_dir=tmp_path / "ck", progress=False)
+    assert init_file.stat().st_mtime_ns == before and again.step == 4
+    for k, v in start.ema_model.state_dict().items():
+        assert torch.equal(again.ema_model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="init_weights"):
+        train(cfg, images, tmp_path / "no_init", resume=False, progress=False)
+    # the continued run's settings are part of the checkpoint's identity
+    other = tiny_cfg(steps=4, seed=1, lr=1e-3, precision="bf16", init=tiny_cfg(steps=5, lr_schedule="constant"))
+    with pytest.raises(ValueError, match="different TrainConfig"):
+        train(other, images, tmp_path / "out", checkpoint_dir=tmp_path / "ck", progress=False)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from diffpath.core.schedule import NoiseSchedule
+from diffpath.models.errors import ModelLoadError
 
 __all__ = [
     "EpsFn",
@@ -43,10 +44,6 @@ __all__ = [
 #: What a diffusers model may predict (its scheduler config's ``prediction_type``); ε is computed
 #: from each (:meth:`EpsModel._to_eps`). Anything else is refused when the model is loaded.
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
-
-
-class ModelLoadError(ValueError):
-    """A model spec that cannot be loaded (missing file, mismatched keys, bad settings)."""
 
 
 @runtime_checkable

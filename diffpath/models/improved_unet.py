@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffpath.models.errors import ModelLoadError
+
 __all__ = [
     "ImprovedUNet",
     "build_from_settings",
@@ -56,10 +58,6 @@ _DEFAULT_CHANNEL_MULT: dict[int, tuple[int, ...]] = {
 
 
 def _load_error(message: str) -> Exception:
-    # Imported lazily: diffpath.models imports this module inside a function, so by the time any
-    # error is raised the package is fully initialised.
-    from . import ModelLoadError
-
     return ModelLoadError(message)
 
 

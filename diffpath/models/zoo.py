@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffpath.models.errors import ModelLoadError
+
 __all__ = ["ZooEntry", "ZOO", "zoo_entry", "zoo_settings_for", "is_remote_spec", "resolve_spec",
            "settings_dep", "ZOO_FILE"]
 
@@ -104,8 +106,6 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 
 
 def _hub_file(repo_id: str, filename: str, url: str) -> Path:
-    from diffpath.models import ModelLoadError
-
     try:
         from huggingface_hub import hf_hub_download
     except ImportError as exc:  # pragma: no cover - huggingface_hub ships with diffusers
@@ -129,8 +129,6 @@ def resolve_spec(spec: str | Path) -> str:
         ModelLoadError: unknown ``hub:`` form, a zoo model with no hub repository that is not on
             disk, or a failed download (the message says where to put the file).
     """
-    from diffpath.models import ModelLoadError
-
     s = str(spec)
     if s in ZOO:
         e = ZOO[s]

@@ -19,6 +19,7 @@ __all__ = [
     "ablation_table",
     "to_markdown",
     "to_latex",
+    "write_table",
     "METHOD_LABELS",
     "method_label",
     "plot_histograms",
@@ -120,6 +121,19 @@ def to_latex(table: pd.DataFrame, caption: str = "", label: str = "", bold_max: 
         out.append(" & ".join([_tex(idx)] + cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(out) + "\n"
+
+
+def write_table(table: pd.DataFrame, folder: str | Path, stem: str, caption: str, *,
+                bold_max: bool = False) -> str:
+    """Write ``stem.md`` and ``stem.tex`` (label ``tab:stem``) into ``folder`` atomically; returns
+    the Markdown."""
+    from diffpath.io import write_text_atomic
+
+    md = to_markdown(table, bold_max=bold_max)
+    write_text_atomic(Path(folder) / f"{stem}.md", md)
+    write_text_atomic(Path(folder) / f"{stem}.tex",
+                      to_latex(table, caption=caption, label=f"tab:{stem}", bold_max=bold_max))
+    return md
 
 
 def plot_histograms(scores: Mapping[str, np.ndarray], in_dist: str, ood: str, ax: Any = None,

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -47,6 +47,9 @@ __all__ = [
     "lr_at",
     "ema_decay_at",
     "train",
+    "train_step",
+    "train_chain",
+    "finished_run",
     "load_checkpoint",
     "save_pipeline",
 ]
@@ -108,9 +111,9 @@ class TrainConfig:
         seed: seeds initialisation, batch order, timesteps and noise.
         log_every, checkpoint_every: intervals in steps (loss log line; resumable checkpoint).
         num_threads: torch CPU threads (``None`` leaves torch's setting alone).
-        init_from: a pipeline folder (:func:`save_pipeline`) whose UNet weights initialise both
-            the network and its EMA: a run that continues an earlier model with a fresh
-            optimiser (``None``: initialise from ``seed``).
+        init: the settings of the run whose EMA weights initialise both the network and its EMA
+            (a run that continues an earlier model with a fresh optimiser; :func:`train_chain`
+            trains or finds it); ``None``: initialise from ``seed``.
         precision: ``"fp32"``, or ``"bf16"`` autocast of the forward pass.
         channels_last: NHWC convolutions; compile: ``torch.compile`` the training step.
     """
@@ -134,7 +137,7 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 250
     num_threads: int | None = None
-    init_from: str | None = None
+    init: TrainConfig | None = None
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
@@ -142,6 +145,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.unet, dict):
             self.unet = UNetConfig(**self.unet)
+        if isinstance(self.init, dict):
+            self.init = TrainConfig.from_dict(self.init)
+        if self.init is not None and self.init.unet != self.unet:
+            raise ValueError("init: the continued run must have the same architecture (unet)")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -163,6 +170,26 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any], channels: int = 1) -> TrainConfig:
+        """From ``params.yaml``'s ``base_model`` section: ``image_size`` and the architecture keys
+        (``block_out_channels``, ``layers_per_block``, ``norm_num_groups``, ``add_attention``: one
+        down/up block per entry of ``block_out_channels``), every :class:`TrainConfig` field it
+        names, and ``init``: a mapping of the continued run's own fields (same architecture)."""
+        levels = len(p["block_out_channels"])
+        unet = UNetConfig(sample_size=int(p["image_size"]), in_channels=channels, out_channels=channels,
+                          block_out_channels=tuple(p["block_out_channels"]),
+                          down_block_types=("DownBlock2D",) * levels, up_block_types=("UpBlock2D",) * levels,
+                          layers_per_block=int(p["layers_per_block"]), norm_num_groups=int(p["norm_num_groups"]),
+                          add_attention=bool(p["add_attention"]))
+        own = {f.name for f in fields(cls)} - {"unet", "init"}
+        init = p.get("init")
+        if init is not None:
+            arch = {k: p[k] for k in ("image_size", "block_out_channels", "layers_per_block",
+                                      "norm_num_groups", "add_attention")}
+            init = cls.from_params({**arch, **init}, channels)
+        return cls(unet=unet, init=init, **{k: v for k, v in p.items() if k in own})
+
     def identity(self) -> dict[str, Any]:
         """The settings that must match for a checkpoint to be resumed (not the intervals or
         thread count; the new options only when they differ from their defaults, so checkpoints
@@ -170,10 +197,12 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("log_every", "checkpoint_every", "num_threads"):
             d.pop(k)
-        for k, default in (("init_from", None), ("precision", "fp32"), ("channels_last", False),
+        for k, default in (("init", None), ("precision", "fp32"), ("channels_last", False),
                            ("compile", False)):
             if d[k] == default:
                 d.pop(k)
+        if self.init is not None:
+            d["init"] = self.init.identity()
         return json.loads(json.dumps(d))  # tuples → lists, as stored
 
     def can_resume(self, stored: dict[str, Any]) -> bool:
@@ -305,12 +334,12 @@ class _RunState:
                 "step": self.step, "history": self.history}
 
 
-def _fresh_state(cfg: TrainConfig, n: int) -> _RunState:
-    """Networks initialised from ``cfg.seed`` (or from ``cfg.init_from``'s weights), an AdamW
-    optimiser and the run's one random generator, which draws the first epoch's order."""
+def _fresh_state(cfg: TrainConfig, n: int, init_weights: str | Path | None = None) -> _RunState:
+    """Networks initialised from ``cfg.seed`` (or from the pipeline folder ``init_weights``), an
+    AdamW optimiser and the run's one random generator, which draws the first epoch's order."""
     model = build_unet(cfg)
-    if cfg.init_from:
-        model.load_state_dict(_init_weights(cfg.init_from))
+    if init_weights is not None:
+        model.load_state_dict(_init_weights(init_weights))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -326,7 +355,7 @@ def _init_weights(folder: str | Path) -> dict[str, torch.Tensor]:
 
     path = Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"
     if not path.is_file():
-        raise ValueError(f"init_from: {path} not found (a pipeline folder written by save_pipeline)")
+        raise ValueError(f"init_weights: {path} not found (a pipeline folder written by save_pipeline)")
     return load_file(str(path))
 
 
@@ -377,7 +406,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x_t: torch.Tensor, 
     if channels_last:
         x_t = x_t.contiguous(memory_format=torch.channels_last)
     with _autocast(precision, x_t.device):
-        pred = (forward or model)(x_t, t).sample
+        pred = (forward if forward is not None else model)(x_t, t).sample
     loss = torch.nn.functional.mse_loss(pred.float(), eps)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -410,6 +439,7 @@ def train(
     stop_at: int | None = None,
     max_seconds: float | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
+    init_weights: str | Path | None = None,
 ) -> TrainResult:
     """Train a DDPM ε-model on ``images`` with the settings of ``cfg``.
 
@@ -428,6 +458,8 @@ def train(
         max_seconds: stop at the first checkpoint written after this many seconds of this call;
             ``TrainResult.step`` says where it stopped and a later call resumes from there.
         callback: ``callback(step, ema_model)`` after each checkpoint (e.g. a sample grid).
+        init_weights: with ``cfg.init``, the pipeline folder of the continued run's model (read
+            when the run starts, not when it resumes).
 
     Every random draw (batch order, timesteps, noise) comes from one ``torch.Generator`` whose
     state is checkpointed, and each step's draws happen in a fixed order, so a resumed run ends
@@ -444,8 +476,12 @@ def train(
     x_all = _as_images(images, cfg)
     n = x_all.shape[0]
     schedule = train_schedule(cfg)
-    state = _fresh_state(cfg, n)
-    if resume and ckpt_path.is_file():
+    resuming = resume and ckpt_path.is_file()
+    if cfg.init is not None and not resuming and init_weights is None:
+        raise ValueError("this run continues another (cfg.init): pass init_weights, the folder of "
+                         "that run's model (train_chain finds or trains it)")
+    state = _fresh_state(cfg, n, None if resuming else init_weights)
+    if resuming:
         _resume(state, ckpt_path, cfg, n)
         if progress:
             print(f"resumed from {ckpt_path} at step {state.step}", flush=True)
@@ -494,6 +530,41 @@ def train(
     state.model.eval()
     state.ema.eval()
     return TrainResult(model=state.model, ema_model=state.ema, history=state.history, step=state.step)
+
+
+def finished_run(folder: str | Path, cfg: TrainConfig) -> bool:
+    """Whether ``folder`` holds the finished model of the run ``cfg`` (a pipeline folder whose
+    ``train_config.json`` has ``cfg``'s settings and all its steps)."""
+    folder = Path(folder)
+    try:
+        info = json.loads((folder / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    done = TrainConfig.from_dict(info)
+    return ((folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+            and done.identity() == cfg.identity() and int(info.get("steps_completed", -1)) == cfg.steps)
+
+
+def train_chain(cfg: TrainConfig, images: np.ndarray | torch.Tensor, out_dir: str | Path, *,
+                checkpoint_dir: str | Path | None = None, resume: bool = True, progress: bool = True,
+                max_seconds: float | None = None) -> TrainResult:
+    """:func:`train` ``cfg``, first training the run it continues (``cfg.init``, recursively).
+
+    The continued run's model lives in ``checkpoint_dir/init/`` (a pipeline folder with its
+    ``train_config.json`` and log, and its own ``checkpoints/``); a finished one with the same
+    settings is reused, so only the last run trains when the chain was trained before."""
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(out_dir) / "checkpoints"
+    init_dir = None
+    if cfg.init is not None:
+        init_dir = ckpt_dir / "init"
+        if not finished_run(init_dir, cfg.init):
+            first = train_chain(cfg.init, images, init_dir, checkpoint_dir=init_dir / "checkpoints",
+                                resume=resume, progress=progress, max_seconds=max_seconds)
+            if first.step < cfg.init.steps:  # the time budget ran out in the continued run
+                return first
+            save_pipeline(first.ema_model, init_dir, **cfg.init.scheduler_config())
+    return train(cfg, images, out_dir, resume, progress, checkpoint_dir=ckpt_dir,
+                 max_seconds=max_seconds, init_weights=init_dir)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,180 @@
+"""Executing a stage: its notebook through papermill, then a byte-stable record and HTML.
+
+:func:`run_stage` passes the stage's parameters (:func:`~diffpath.study.stages.stage_parameters`)
+to its notebook and writes the executed notebook under the profile's ``reports/notebooks/``;
+:func:`normalize_executed` makes that record a function of its inputs (no run times, relative
+paths, fixed ids), and :func:`render_html` renders it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffpath.io import write_text_atomic
+from diffpath.study.layout import Layout, StageInputError
+from diffpath.study.stages import ROOT, STAGES, load_params, stage_parameters
+
+__all__ = ["run_stage", "normalize_executed", "render_html", "apply_overrides"]
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def apply_overrides(params: dict[str, Any], assignments: Sequence[str]) -> None:
+    """Set ``key=value`` assignments (dotted keys, YAML values) in ``params``, in place."""
+    for a in assignments:
+        if "=" not in a:
+            raise ValueError(f"-p expects key=value, got {a!r}")
+        key, raw = a.split("=", 1)
+        _set(params, key, yaml.safe_load(raw))
+
+
+def run_stage(
+    stage: str,
+    item: str | None = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    params_file: str | os.PathLike = "params.yaml",
+    output: str | os.PathLike | None = None,
+    cwd: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> Path:
+    """Execute the stage's notebook with its parameters; returns the executed notebook's path."""
+    import papermill as pm
+
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    cwd = Path(cwd) if cwd is not None else Path.cwd()
+    p = dict(params) if params is not None else load_params(cwd / params_file)
+    nb_params = stage_parameters(stage, p, item)
+    st = STAGES[stage]
+    layout = Layout.of(p)
+    out = Path(output) if output is not None else cwd / st.executed_path(item, layout)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    notebook = cwd / st.notebook if (cwd / st.notebook).is_file() else ROOT / st.notebook
+    try:
+        with _kernel_env(TQDM_DISABLE="1"):  # no progress bars (with timings) in the record
+            pm.execute_notebook(
+                str(notebook),
+                str(out),
+                parameters=nb_params,
+                cwd=str(cwd),
+                progress_bar=progress,
+                kernel_name="python3",
+            )
+    except pm.PapermillExecutionError as exc:
+        if exc.ename == StageInputError.__name__:  # a bad input artifact: one line, not a traceback
+            raise StageInputError(f"stage {stage}: {exc.evalue} (executed notebook: {out})") from None
+        raise
+    normalize_executed(out, st.notebook, st.executed_path(item, layout), root=cwd)
+    return out
+
+
+@contextmanager
+def _kernel_env(**env: str) -> Iterator[None]:
+    """Set environment variables for the kernels started inside the block (they inherit ours)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+#: papermill's and Jupyter's per-run metadata: wall-clock times, absolute paths
+_RUN_METADATA = ("duration", "start_time", "end_time")
+
+
+def normalize_executed(path: str | os.PathLike, notebook: str, output: str,
+                       root: str | os.PathLike | None = None) -> None:
+    """Make an executed notebook a function of its inputs: drop the times papermill and the kernel
+    record (per notebook and per cell), write the notebook's paths relative to the study root
+    (``root``, as it appears in printed text and warnings too: ``.``), and give papermill's injected
+    cell a fixed id, so that a rerun with the same code, params and data gives the same bytes in
+    any clone."""
+    nb = json.loads(Path(path).read_text())
+    pm_meta = nb.get("metadata", {}).get("papermill", {})
+    for key in _RUN_METADATA:
+        pm_meta.pop(key, None)
+    pm_meta.update(input_path=notebook, output_path=output)
+    for cell in nb.get("cells", []):
+        meta = cell.get("metadata", {})
+        meta.pop("execution", None)
+        if "injected-parameters" in meta.get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill draws a random id for the cell it adds
+        for key in _RUN_METADATA:
+            meta.get("papermill", {}).pop(key, None)
+        if "outputs" in cell:
+            cell["outputs"] = _merge_streams(cell["outputs"])
+        if root is not None:
+            for out in cell.get("outputs", []):
+                _relative_text(out, str(Path(root).resolve()))
+    write_text_atomic(path, json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _merge_streams(outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join consecutive outputs of one stream (stdout or stderr) into one, text split into lines.
+
+    How the kernel chunks printed text into stream messages depends on timing (when its buffer is
+    flushed), so the same prints can come back as one output or several."""
+    merged: list[dict[str, Any]] = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and prev is not None
+                and prev.get("output_type") == "stream" and prev.get("name") == out.get("name")):
+            prev["text"] = _as_text(prev["text"]) + _as_text(out["text"])
+        else:
+            merged.append(dict(out))
+    for out in merged:
+        if out.get("output_type") == "stream":
+            out["text"] = _as_text(out["text"]).splitlines(keepends=True)
+    return merged
+
+
+def _as_text(text: str | list[str]) -> str:
+    return text if isinstance(text, str) else "".join(text)
+
+
+def _relative_text(output: dict[str, Any], root: str) -> None:
+    """Replace the absolute study root by ``.`` in an output's text (streams, text/plain, errors)."""
+    def fix(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.replace(root, ".")
+        if isinstance(v, list):
+            return [fix(x) for x in v]
+        return v
+
+    if "text" in output:
+        output["text"] = fix(output["text"])
+    data = output.get("data", {})
+    for mime in ("text/plain", "text/html", "text/markdown"):
+        if mime in data:
+            data[mime] = fix(data[mime])
+    if "traceback" in output:
+        output["traceback"] = fix(output["traceback"])
+
+
+def render_html(notebook: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Render an executed notebook to a standalone HTML page (atomically)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    write_text_atomic(target, body)
