@@ -15,9 +15,9 @@ the weights, and no checkpoint is needed), then times, in one process, on the sa
     the SSIM map (scipy ``gaussian_filter``, the same SSIM definition as :mod:`diffpath.core.ssim`) and
     the norms in numpy.
 ``eager``
-    the study's own path, :func:`diffpath.study.cache.compute_cache`, fp32 eager.
+    the study's own path, :func:`diffpath.cache.compute_cache`, fp32 eager.
 ``fast``
-    the same :func:`~diffpath.study.cache.compute_cache` call on a model configured with the fast
+    the same :func:`~diffpath.cache.compute_cache` call on a model configured with the fast
     :class:`~diffpath.models.RunOptions` (built by :func:`diffpath.models.options.run_options_from_params`,
     the function the errors stage uses): by default bf16 autocast + channels_last on CUDA
     (``--compile`` / ``--cuda-graphs`` add torch.compile / CUDA graphs); on CPU the default is what
@@ -81,10 +81,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from diffpath.methods.diffpathv2 import ScoreErrorConfig  # noqa: E402
-from diffpath.study.cache import CacheConfig, compute_cache  # noqa: E402
+from diffpath.cache import CacheConfig, compute_cache  # noqa: E402
+from diffpath.cli import options  # noqa: E402
 from diffpath.models.options import run_options_from_params  # noqa: E402
 from diffpath.methods.registry import METHODS  # noqa: E402
-from diffpath.models import EpsModel, RunOptions, load_model  # noqa: E402
+from diffpath.models import PRECISIONS, EpsModel, RunOptions, load_model  # noqa: E402
 from diffpath.models.improved_unet import (  # noqa: E402
     build_from_settings,
     resolve_settings,
@@ -605,16 +606,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fmnist-config", default=None,
                    help="JSON file of UNet2DModel kwargs for a random fmnist stand-in (overrides the "
                         "committed model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=256)
+    options.add_device(p)
+    options.add_sizes(p, chunks=False)
     p.add_argument("--n-images", type=int, default=None, help="images per run (default: one batch)")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps / score-error timesteps (10)")
+    options.add_steps(p)
     p.add_argument("--families", default="diffpath,diffpathv2")
     p.add_argument("--paths", default=",".join(DEFAULT_PATHS),
                    help=f"comma-separated, from {', '.join(ALL_PATHS)}")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per path (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per path first")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "tf32", "bf16"],
+    # the fast path's options: unset means "auto" (the device's fast choice), unlike the commands
+    p.add_argument("--precision", default=None, choices=["auto", *PRECISIONS],
                    help="fast path precision (auto, the default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--fast-from-params", default=None, metavar="PARAMS_YAML",
                    help="take the fast path's options from this params file's model.{precision, "

@@ -96,7 +96,7 @@ def embedded(args) -> None:
     import yaml
 
     from diffpath.methods.registry import get_method
-    from diffpath.study.cache import load_cache
+    from diffpath.cache import read_cache
 
     root = Path(args.embedded)
     params = yaml.safe_load((root / args.params).read_text())
@@ -104,13 +104,13 @@ def embedded(args) -> None:
     gmm = dict(params["scorers"]["gmm"])
     methods = [m for m in params["methods"] if get_method(m).scorer == "gmm"]
     sets = [d for d in params["data"]["datasets"] if (data_dir / d / "test.npz").exists()]
-    tests = {d: load_cache(data_dir / d / "test.npz") for d in sets}
+    tests = {d: read_cache(data_dir / d / "test.npz") for d in sets}
     specs = args.paths.split(",") if args.paths else ["sklearn", "torch_cpu"]
     for ind in params["data"]["in_dist"]:
         if not (data_dir / ind / "train.npz").exists():
             print(json.dumps({"in_dist": ind, "skipped": f"no {data_dir / ind / 'train.npz'}"}), flush=True)
             continue
-        train = load_cache(data_dir / ind / "train.npz")
+        train = read_cache(data_dir / ind / "train.npz")
         for method in methods:
             m = get_method(method)
             X = m.features(train)

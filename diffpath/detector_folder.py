@@ -1,9 +1,27 @@
-"""The detector folder on disk: ``detector.json``, ``scorer.npz``, ``train_scores.npz``.
+"""The folder of a fitted :class:`~diffpath.detector.Detector` on disk.
 
-See :mod:`diffpath.detector` for what each file holds. Written atomically
-(:func:`diffpath.io.atomic_folder`); read without unpickling anything
-(:mod:`diffpath.scoring.persist`). Format version 1 (a pickled ``scorer.joblib``) is refused with
-a message to refit.
+The detector folder (format version 2)
+--------------------------------------
+============================  ==============================================================
+``detector.json``             everything needed to reproduce the scores: format and diffpath
+                              versions, the model (spec as given, absolute path, fingerprint),
+                              the preprocessing (size, channels, resize, alpha), the features
+                              (method, family, steps, seed, clip, noise keying), the scorer
+                              (kind, parameters, chosen hyper-parameters, sklearn version, its
+                              arrays' description and the file's sha256), the training scores'
+                              101 quantiles and the threshold
+``scorer.npz``                the fitted scorer as plain arrays (:mod:`diffpath.scoring.persist`:
+                              no pickle; loading cannot run code)
+``train_scores.npz``          ``scores`` (N,) float64 and ``paths`` (N,) of the normal images
+============================  ==============================================================
+
+Version 1 folders stored the scorer as a pickle (``scorer.joblib``); they are refused with a
+message to refit. The **model fingerprint** is the model's own :meth:`~diffpath.models.EpsModel.
+fingerprint` (a hash of its weights, noise schedule, sizes and prediction type); scoring refuses a
+model whose fingerprint differs from the one the detector was fitted with.
+
+Written atomically (:func:`diffpath.io.atomic_folder`); read without unpickling anything
+(:mod:`diffpath.scoring.persist`). :func:`detector_meta` builds ``detector.json`` after a fit.
 """
 
 from __future__ import annotations
@@ -11,18 +29,27 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from diffpath.io import atomic_folder, json_default
+
+if TYPE_CHECKING:
+    from diffpath.cache.config import CacheConfig
+    from diffpath.data.files import LoadedImages, Preprocessing
+    from diffpath.methods.registry import Method
+    from diffpath.models import EpsModel
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "DetectorError",
     "check_replaceable",
+    "detector_meta",
     "read_folder",
     "write_folder",
 ]
@@ -33,6 +60,8 @@ META_FILE = "detector.json"
 SCORER_FILE = "scorer.npz"
 SCORES_FILE = "train_scores.npz"
 _DETECTOR_FILES = {META_FILE, SCORER_FILE, SCORES_FILE, "scorer.joblib"}  # (the last: version 1)
+#: How the threshold is chosen (stored in ``detector.json``).
+THRESHOLD_RULE = "k-th lowest normal score, k = floor((1 - accept) * N); is_ood = score < value"
 
 
 class DetectorError(ValueError):
@@ -135,3 +164,68 @@ def _sha256_file(path: Path, bufsize: int = 1 << 20) -> str:
         while chunk := fh.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
+
+
+def detector_meta(*, model: EpsModel, spec: str, fingerprint: str, prep: Preprocessing, method: Method,
+                  cfg: CacheConfig, dims: int, scorer: Any, train_scores: np.ndarray, loaded: LoadedImages,
+                  accept: float, threshold: float) -> dict[str, Any]:
+    """``detector.json`` of a fit: the model (``spec`` as given, its absolute path, ``fingerprint``),
+    preprocessing, features (``cfg``, ``dims``), scorer, training scores (N,) of the ``loaded``
+    images and the threshold; the scorer's arrays and checksum are added by :func:`write_folder`."""
+    versions = _versions()
+    timesteps = cfg.v2_ts(model) if method.family == "diffpathv2" else cfg.dp_timesteps(model)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "diffpath_version": versions["diffpath"],
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+        "model": {
+            "spec": spec,
+            "resolved": str(Path(spec).resolve()) if spec and Path(spec).exists() else None,
+            "kind": getattr(model, "kind", ""),
+            "image_size": int(model.image_size),
+            "channels": int(model.channels),
+            "fingerprint": fingerprint,
+        },
+        "preprocessing": prep.to_dict(),
+        "features": {
+            "method": method.name, "family": method.family, "dims": dims, "steps": int(cfg.steps),
+            "seed": int(cfg.score_error.seed), "clip_denoised": bool(cfg.clip_denoised),
+            "noise_key": cfg.score_error.noise_key, "clip_x0_hat": bool(cfg.score_error.clip_x0_hat),
+            "v2_timesteps": cfg.v2_timesteps, "timesteps": [int(t) for t in timesteps],
+        },
+        "scorer": _scorer_meta(method, scorer, versions["sklearn"]),
+        "training": {
+            "n_images": len(loaded),
+            "n_skipped": len(loaded.skipped),
+            "skipped": [[str(p), r] for p, r in loaded.skipped][:100],
+            "score_mean": float(train_scores.mean()),
+            "score_std": float(train_scores.std()),
+            "quantiles": [float(q) for q in np.quantile(train_scores, np.linspace(0, 1, 101))],
+        },
+        "threshold": {"accept": accept, "value": threshold, "rule": THRESHOLD_RULE},
+    }
+
+
+def _scorer_meta(method: Method, scorer: Any, sklearn_version: str) -> dict[str, Any]:
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in scorer.get_params().items()}
+    return {
+        "kind": method.scorer,
+        "class": type(scorer).__name__,
+        "params": params,
+        "best_params": getattr(scorer, "best_params_", None),
+        "sklearn_version": sklearn_version,
+        "file": SCORER_FILE,
+        "sha256": None,  # filled in by save(), with the arrays' description
+    }
+
+
+def _versions() -> dict[str, str]:
+    import sklearn
+    import torch
+
+    from diffpath import __version__
+
+    return {"diffpath": __version__, "sklearn": sklearn.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "python": platform.python_version()}

@@ -1,16 +1,16 @@
 """The work folder of a resumable model pass, owned by one run at a time.
 
 ``diffpath fit`` and ``diffpath score`` keep their resumable work in ``OUT.work/`` (the decoded
-images ``x0.npy`` and the cache chunks of :func:`diffpath.study.cache.compute_cache`). Two runs
+images ``x0.npy`` and the cache chunks of :func:`diffpath.cache.compute_cache`). Two runs
 must never share it, so :func:`work_area` first takes an exclusive lock on ``OUT.work.lock``
 (``flock``; released by the operating system when the process dies, so a crash leaves no stale
 lock). A second run with the same output refuses at once with :class:`WorkAreaBusy`, naming the
 process that holds it. The lock file is removed when the run ends.
 
-Chunks left by an interrupted run are reused only when they provably belong to the new run:
-:func:`diffpath.study.cache.compute_cache` stores the run's fingerprint (model, settings, the
-files' names and decoded pixels) in ``meta.json`` *and* in every chunk, and ignores any chunk
-whose fingerprint differs.
+Chunks left by an interrupted run, and its finished pass, are reused only when they provably
+belong to the new run: the chunk store (:mod:`diffpath.cache.store`) keeps the run's fingerprint
+(model, settings, the files' names and decoded pixels) in ``meta.json`` *and* in every chunk and
+finished cache, and ignores any file whose fingerprint differs.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 
 from diffpath.io import InputError
 
-__all__ = ["RunLock", "WorkAreaBusy", "data_key", "reuse_finished", "work_area", "work_dir_for"]
+__all__ = ["RunLock", "WorkAreaBusy", "data_key", "work_area", "work_dir_for"]
 
 
 class WorkAreaBusy(InputError):
@@ -164,19 +164,3 @@ def data_key(paths: Sequence[str | os.PathLike], x0: np.ndarray, extra: dict[str
     for s in range(0, len(x0), step):
         h.update(np.ascontiguousarray(x0[s : s + step]).tobytes())
     return h.hexdigest()
-
-
-def reuse_finished(out: Path | None, fingerprint: str) -> dict[str, np.ndarray] | None:
-    """The finished cache ``out`` of an earlier run that stopped after its model pass, if its
-    fingerprint is ``fingerprint``; else None."""
-    if out is None or not out.is_file():
-        return None
-    try:
-        from diffpath.study.cache import load_cache
-
-        cache = load_cache(out)
-        if json.loads(str(cache["meta"])).get("fingerprint") == fingerprint:
-            return cache
-    except Exception:  # unreadable or foreign: recompute
-        pass
-    return None

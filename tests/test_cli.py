@@ -110,3 +110,73 @@ def test_nan_model_output_is_reported(tmp_path, capsys, monkeypatch, tiny):
     real = models.EpsModel.__call__
     monkeypatch.setattr(models.EpsModel, "__call__", lambda self, x, t: real(self, x, t) * float("nan"))
     _fails(capsys, tmp_path, ["--model", str(pt), "--images", str(good)], "NaN")
+
+
+# -- the model and run options every command line shares -------------------------------------------
+
+SHARED = ("--model", "--device", "--precision", "--channels-last", "--compile", "--cuda-graphs",
+          "--batch-size", "--chunk-size", "--no-progress", "--steps")
+
+
+def _option_parsers():
+    from diffpath.cli import build_parser
+    from diffpath.study.distributed import build_parser as distributed_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    return {**{f"diffpath {k}": v for k, v in sub.items()}, "diffpath.study.distributed": distributed_parser()}
+
+
+def test_every_command_line_shares_one_definition_of_the_run_options():
+    seen: dict[str, dict[str, tuple]] = {}
+    for name, parser in _option_parsers().items():
+        for action in parser._actions:
+            flag = next((s for s in action.option_strings if s in SHARED), None)
+            if flag is None or (flag == "--steps" and name == "diffpath localize"):  # its own: steps per walk
+                continue
+            what = (action.default, tuple(action.choices or ()), action.type)
+            seen.setdefault(flag, {})[name] = what
+    for flag, by_parser in seen.items():
+        assert len(set(by_parser.values())) == 1, (flag, by_parser)
+    assert seen["--batch-size"]["diffpath.study.distributed"][0] == 128
+    assert seen["--chunk-size"]["diffpath fit"][0] == 1024
+    assert "auto" in seen["--precision"]["diffpath fit"][1]
+    assert {"diffpath fit", "diffpath score", "diffpath features", "diffpath localize",
+            "diffpath.study.distributed"} <= set(seen["--precision"])
+
+
+def test_precision_auto_is_the_devices_fast_choice():
+    from diffpath.cli import build_parser
+    from diffpath.cli.options import pass_options
+    from diffpath.models import RunOptions
+
+    args = build_parser().parse_args(["fit", "--model", "m", "--normal", "n", "--out", "o",
+                                      "--precision", "auto", "--channels-last"])
+    run = pass_options(args)
+    assert run.network("cpu") == RunOptions(precision="fp32", channels_last=True)
+    assert run.network("cuda") == RunOptions(precision="bf16", channels_last=True)
+
+
+@pytest.mark.parametrize("flag, value, match", [("--steps", "1", "steps must be at least 2"),
+                                                ("--batch-size", "0", "batch_size must be a positive"),
+                                                ("--precision", "fp8", "invalid choice")])
+def test_bad_run_options_fail_alike_in_every_command(tmp_path, capsys, tiny, flag, value, match):
+    from diffpath.study.distributed import main as distributed
+
+    pt, good = tiny
+    out = tmp_path / "sub" / "o"
+    runs = {
+        "features": lambda a: main(["features", "--model", str(pt), "--images", str(good), "--out",
+                                    f"{out}.npz", *a]),
+        "fit": lambda a: main(["fit", "--model", str(pt), "--normal", str(tmp_path), "--out", str(out), *a]),
+        "distributed": lambda a: distributed(["--model", str(pt), "--x0", str(good), "--out", f"{out}.npz",
+                                              "--device", "cpu", *a]),
+    }
+    for name, run in runs.items():
+        try:
+            code = run([flag, value])
+        except SystemExit as exc:  # argparse refuses a choice (exit status 2) before any handler
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and match in err, (name, err)
+        assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1, (name, err)
+        assert not (tmp_path / "sub").exists(), name  # refused before anything was written

@@ -20,7 +20,8 @@ from test_images import write_every_format
 from diffpath.cli import main
 from diffpath.data import load_split
 from diffpath.detector import Detector, DetectorError, FeatureError, threshold_at
-from diffpath.study import cache as cache_mod
+from diffpath.cache import PassOptions
+from diffpath.cache import compute as cache_mod
 
 STEPS = "3"
 FAST = {"cv": 3, "covariance_type": ("diag",)}  # a small GMM grid for the Python-API fits
@@ -92,8 +93,8 @@ def test_fit_writes_a_self_describing_detector(world):
     assert meta["scorer"]["best_params"]["n_components"] < 50  # the grid shrank for 30 images
     assert meta["training"]["n_images"] == 30 and len(meta["training"]["quantiles"]) == 101
     d = Detector.load(det)
-    assert d.threshold == threshold_at(d.train_scores, 0.95)
-    assert np.mean(d.train_scores >= d.threshold) >= 0.95
+    assert d.threshold_ == threshold_at(d.train_scores_, 0.95)
+    assert np.mean(d.train_scores_ >= d.threshold_) >= 0.95
     assert _leftovers(world["root"]) == []
 
 
@@ -115,17 +116,17 @@ def test_score_cli_csv_plot_and_python_round_trip(world, capsys):
         scores = np.array([float(r["score"]) for r in rows])
         pct = np.array([float(r["percentile"]) for r in rows])
         ood = np.array([r["is_ood"] == "true" for r in rows])
-        np.testing.assert_array_equal(ood, scores < d.threshold)
-        np.testing.assert_allclose(pct, [100 * np.mean(d.train_scores < s) for s in scores])
-        k = int(np.floor(0.05 * len(d.train_scores)))
-        assert np.all(pct[ood] <= 100 * k / len(d.train_scores))
-        assert np.all(pct[~ood] >= 100 * k / len(d.train_scores))
+        np.testing.assert_array_equal(ood, scores < d.threshold_)
+        np.testing.assert_allclose(pct, [100 * np.mean(d.train_scores_ < s) for s in scores])
+        k = int(np.floor(0.05 * len(d.train_scores_)))
+        assert np.all(pct[ood] <= 100 * k / len(d.train_scores_))
+        assert np.all(pct[~ood] >= 100 * k / len(d.train_scores_))
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert _leftovers(out.parent) == []
 
         # the Python API gives the same scores (and skips the same file)
         with pytest.warns(UserWarning, match="zz_corrupt"):
-            res = d.score_images([world["test"]], device="cpu")
+            res = d.set_run(device="cpu").score_images([world["test"]])
         assert res.paths == [r["path"] for r in rows]
         np.testing.assert_array_equal(res.scores, scores)  # exact: the CSV round-trips floats
         np.testing.assert_array_equal(res.is_ood, ood)
@@ -133,16 +134,16 @@ def test_score_cli_csv_plot_and_python_round_trip(world, capsys):
         # save → load keeps the scorer; --accept moves the threshold
         d.save(world["root"] / "copy")
         d2 = Detector.load(world["root"] / "copy")
-        np.testing.assert_array_equal(d2.train_scores, d.train_scores)
+        np.testing.assert_array_equal(d2.train_scores_, d.train_scores_)
         out2 = world["root"] / "scores" / "half.csv"
         rc = main(["score", "--detector", str(world["root"] / "copy"), str(world["test"] / "formats"),
                    "--out", str(out2), "--accept", "0.5", "--no-progress"])
         assert rc == 0
         rows2 = _read_csv(out2)
         s2 = np.array([float(r["score"]) for r in rows2])
-        thr = threshold_at(d.train_scores, 0.5)
+        thr = threshold_at(d.train_scores_, 0.5)
         assert [r["is_ood"] == "true" for r in rows2] == list(s2 < thr)
-        assert np.mean(d.train_scores >= thr) >= 0.5
+        assert np.mean(d.train_scores_ >= thr) >= 0.5
     finally:
         bad.unlink()
 
@@ -237,19 +238,19 @@ def test_interrupted_pass_resumes_from_finished_chunks(world, tmp_path, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cache_mod, "_compute_chunk", flaky)
-    kw = dict(device="cpu", batch_size=4, chunk_size=4, work_dir=work)
+    d.set_run(device="cpu", batch_size=4, chunk_size=4, work_dir=work)
     with pytest.raises(RuntimeError, match="simulated"):
-        d.score_images(world["normal"], **kw)
+        d.score_images(world["normal"])
     assert [p.name for p in sorted((work / "features.npz.parts").glob("chunk_*"))] == ["chunk_000000.npz"]
 
     calls.clear()
     fail["at"] = 0
-    res = d.score_images(world["normal"], **kw)
+    res = d.score_images(world["normal"])
     assert (0, 4) not in calls and len(calls) == 30 // 4  # 8 chunks, the first one reused
     assert not work.exists()  # removed on success
     monkeypatch.setattr(cache_mod, "_compute_chunk", real)
     # same images, same scores (up to float32 differences between batch sizes 4 and 16)
-    np.testing.assert_allclose(res.scores, d.train_scores, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(res.scores, d.train_scores_, rtol=1e-3, atol=1e-3)
 
 
 def test_python_fit_and_nan_check(world, tmp_path):
@@ -258,15 +259,16 @@ def test_python_fit_and_nan_check(world, tmp_path):
     model = load_model(world["model"])
     files = sorted(world["normal"].glob("*.png"))[:12]
     with pytest.warns(UserWarning, match="too small for the GMM grid"):  # the grid shrinks
-        d = Detector.fit(model, files, steps=3, scorer_params=FAST, accept=0.9, work_dir=tmp_path / "w")
-    assert d.meta["model"]["spec"] == str(world["model"]) and not (tmp_path / "w").exists()
-    assert d.accept == 0.9 and np.mean(d.train_scores >= d.threshold) >= 0.9
-    res = d.score_images(files[:3], model=model)
-    np.testing.assert_allclose(res.scores, d.train_scores[:3], rtol=1e-3, atol=1e-3)
+        d = Detector(model, steps=3, scorer_params=FAST, accept=0.9,
+                     run=PassOptions(work_dir=tmp_path / "w")).fit(files)
+    assert d.meta_["model"]["spec"] == str(world["model"]) and not (tmp_path / "w").exists()
+    assert d.meta_["threshold"]["accept"] == 0.9 and np.mean(d.train_scores_ >= d.threshold_) >= 0.9
+    res = d.score_images(files[:3])
+    np.testing.assert_allclose(res.scores, d.train_scores_[:3], rtol=1e-3, atol=1e-3)
     with torch.no_grad():  # a model whose forward gives NaN
         model.net.unet.conv_out.bias.fill_(float("nan"))
     with pytest.raises(FeatureError, match="000.png"):
-        Detector.fit(model, files, steps=3, scorer_params=FAST, work_dir=tmp_path / "w")
+        Detector(model, steps=3, scorer_params=FAST, run=PassOptions(work_dir=tmp_path / "w")).fit(files)
     assert not (tmp_path / "w").exists()
 
 
@@ -294,4 +296,77 @@ def test_interrupted_fit_resumes_from_the_cli(world, tmp_path, monkeypatch, caps
     assert main(argv) == 0
     assert calls == [(16, 24), (24, 30)]  # only the chunks that were not finished
     assert _leftovers(tmp_path) == [] and (det / "detector.json").is_file()
-    assert Detector.load(det).meta["training"]["n_images"] == 30
+    assert Detector.load(det).meta_["training"]["n_images"] == 30
+
+
+# -- the estimator's shape ----------------------------------------------------------------------------
+
+
+def test_detector_has_scikit_learns_shape(world):
+    import inspect
+
+    from sklearn.exceptions import NotFittedError
+
+    det = Detector(str(world["model"]), steps=3, run=PassOptions(device="cpu", batch_size=16, chunk_size=16))
+    assert list(inspect.signature(Detector.fit).parameters) == ["self", "images"]  # no run options
+    with pytest.raises(NotFittedError):
+        det.predict(world["test"])
+    with pytest.warns(UserWarning, match="too small"):
+        assert det.fit(world["normal"]) is det
+    learned = {k for k in vars(det) if k.endswith("_") and not k.startswith("_")}
+    assert learned == {"scorer_", "train_scores_", "train_paths_", "threshold_", "meta_"}
+    cli = Detector.load(world["det"])  # `diffpath fit` with the same settings and sizes
+    np.testing.assert_array_equal(det.train_scores_, cli.train_scores_)
+    assert det.threshold_ == cli.threshold_ and det.get_params() == {**cli.get_params(), "model": str(world["model"])}
+
+    images = world["test"] / "formats"
+    res = det.score_images(images)
+    np.testing.assert_array_equal(det.score_samples(images), res.scores)
+    np.testing.assert_array_equal(det.decision_function(images), res.scores - det.threshold_)
+    pred = det.predict(images)
+    assert set(pred) <= {-1, 1} and res.is_ood.any() != res.is_ood.all()  # both kinds occur
+    np.testing.assert_array_equal(pred, np.where(res.is_ood, -1, 1))
+
+
+def test_bad_settings_fail_before_any_work(world, tmp_path, monkeypatch, capsys):
+    def boom(*a, **k):
+        raise AssertionError("the model pass started")
+
+    monkeypatch.setattr(cache_mod, "_compute_chunk", boom)
+    for settings, match in (({"steps": 1}, "steps must be at least 2"), ({"method": "nope"}, "unknown method"),
+                            ({"accept": 1.5}, "accept must lie")):
+        with pytest.raises(ValueError, match=match):
+            Detector(str(world["model"]), **settings).fit(world["normal"])
+    with pytest.raises(ValueError, match="chunk_size"):
+        Detector(str(world["model"])).set_run(chunk_size=0)
+    with pytest.raises(ValueError, match="unknown Detector settings"):
+        Detector().set_params(device="cpu")  # a run option, not a setting
+    out = tmp_path / "new" / "det"
+    assert main(["fit", "--model", str(world["model"]), "--normal", str(world["normal"]), "--out", str(out),
+                 "--steps", "1"]) == 2
+    assert "steps must be at least 2" in capsys.readouterr().err and not (tmp_path / "new").exists()
+
+
+def test_a_fit_interrupted_after_its_model_pass_reuses_the_pass(world, tmp_path, monkeypatch):
+    from diffpath.scoring import scorers
+
+    work = tmp_path / "work"
+    run = PassOptions(device="cpu", batch_size=16, chunk_size=16, work_dir=work)
+    real = scorers.make_scorer
+
+    class Interrupted:
+        def fit(self, features):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(scorers, "make_scorer", lambda *a, **k: Interrupted())
+    with pytest.raises(KeyboardInterrupt):  # while fitting the scorer: the pass is done
+        Detector(str(world["model"]), steps=3, run=run).fit(world["normal"])
+    assert (work / "features.npz.parts" / "finished.npz").is_file()
+    assert not list(work.rglob("chunk_*.npz"))  # the finished cache replaced the chunks
+
+    monkeypatch.setattr(scorers, "make_scorer", real)
+    monkeypatch.setattr(cache_mod, "_compute_chunk", lambda *a, **k: pytest.fail("the pass ran again"))
+    with pytest.warns(UserWarning, match="too small"):
+        det = Detector(str(world["model"]), steps=3, run=run).fit(world["normal"])
+    assert not work.exists()  # removed on success
+    np.testing.assert_array_equal(det.train_scores_, Detector.load(world["det"]).train_scores_)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffpath.study.cache import CacheConfig, compute_cache
+from diffpath.cache import CacheConfig, compute_cache
 from diffpath.models.options import run_options_from_params
 from diffpath.study.distributed import run_sharded
 from diffpath.models import RunOptions, load_model

@@ -23,7 +23,8 @@ from test_detector import _save_unet
 from diffpath.cli import main
 from diffpath.data import load_split
 from diffpath.detector import Detector, DetectorError
-from diffpath.study import cache as cache_mod
+from diffpath.cache import PassOptions
+from diffpath.cache import compute as cache_mod
 
 FAST = {"cv": 3, "covariance_type": ("diag",)}
 
@@ -41,7 +42,7 @@ def rw(tmp_path_factory):
             Image.fromarray(img).save(folders[name] / f"{name}{i:02d}.png")
     det = root / "det"
     with pytest.warns(UserWarning, match="too small"):
-        Detector.fit(str(model), folders["fashion"], steps=3, scorer_params=FAST).save(det)
+        Detector(str(model), steps=3, scorer_params=FAST).fit(folders["fashion"]).save(det)
     return {"root": root, "model": model, "det": det, **folders}
 
 
@@ -88,7 +89,7 @@ def test_a_second_run_on_the_same_out_is_refused(rw, tmp_path, monkeypatch, caps
     monkeypatch.setattr(cache_mod, "_compute_chunk", real)
     rows = _rows(out)
     assert [Path(r["path"]).parent for r in rows] == [rw["fashion"]] * 12
-    clean = Detector.load(rw["det"]).score_images(rw["fashion"], device="cpu", chunk_size=4)
+    clean = Detector.load(rw["det"], run=PassOptions(device="cpu", chunk_size=4)).score_images(rw["fashion"])
     np.testing.assert_array_equal([float(r["score"]) for r in rows], clean.scores)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.csv"]  # no lock or work left
 
@@ -107,13 +108,13 @@ def test_chunks_of_another_run_are_never_trusted(rw, tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache_mod, "_compute_chunk", flaky)
     with pytest.raises(RuntimeError, match="simulated"):  # an MNIST run leaves chunk 0 behind ...
-        d.score_images(rw["mnist"], device="cpu", chunk_size=4, work_dir=work)
+        d.set_run(device="cpu", chunk_size=4, work_dir=work).score_images(rw["mnist"])
     parts = work / "features.npz.parts"
     assert (parts / "chunk_000000.npz").is_file()
     (parts / "meta.json").unlink()  # ... and its meta.json is lost (another run removed it)
     monkeypatch.setattr(cache_mod, "_compute_chunk", real)
-    res = d.score_images(rw["fashion"], device="cpu", chunk_size=4, work_dir=work)
-    clean = d.score_images(rw["fashion"], device="cpu", chunk_size=4)
+    res = d.score_images(rw["fashion"])
+    clean = d.set_run(work_dir=None).score_images(rw["fashion"])
     np.testing.assert_array_equal(res.scores, clean.scores)
 
 
@@ -159,15 +160,15 @@ def test_saved_scorer_scores_like_the_fitted_one(rw, tmp_path):
     from diffpath.models import load_model
 
     model = load_model(rw["model"])
-    d = Detector.fit(model, rw["fashion"], method="diffpathv2_1d", steps=3)  # a KDE scorer
+    d = Detector(model, method="diffpathv2_1d", steps=3).fit(rw["fashion"])  # a KDE scorer
     d.save(tmp_path / "kde")
     d2 = Detector.load(tmp_path / "kde")
     feats = np.random.default_rng(0).normal(size=(7, 1)) * 10
     np.testing.assert_allclose(d2.score_features(feats), d.score_features(feats), rtol=1e-12)
-    a = Detector.load(rw["det"]).score_images(rw["mnist"], model=model)
+    a = Detector.load(rw["det"]).set_params(model=model).score_images(rw["mnist"])
     with pytest.warns(UserWarning, match="too small"):
-        fitted = Detector.fit(model, rw["fashion"], steps=3, scorer_params=FAST)
-    b = fitted.score_images(rw["mnist"], model=model)
+        fitted = Detector(model, steps=3, scorer_params=FAST).fit(rw["fashion"])
+    b = fitted.score_images(rw["mnist"])
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-10)
 
 
@@ -310,5 +311,5 @@ def test_fit_needs_three_images_for_the_gmm_grid(rw, tmp_path, capsys):
     assert not (tmp_path / "det").exists()
     shutil.copy(sorted(rw["fashion"].iterdir())[2], two)
     with pytest.warns(UserWarning, match="too small"):
-        d = Detector.fit(str(rw["model"]), two, steps=3, scorer_params={"covariance_type": ("diag",)})
-    assert len(d.train_scores) == 3
+        d = Detector(str(rw["model"]), steps=3, scorer_params={"covariance_type": ("diag",)}).fit(two)
+    assert len(d.train_scores_) == 3

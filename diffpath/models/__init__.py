@@ -35,6 +35,7 @@ __all__ = [
     "EpsFn",
     "EpsModel",
     "ModelLoadError",
+    "PRECISIONS",
     "RunOptions",
     "load_model",
     "resolve_device",
@@ -44,6 +45,10 @@ __all__ = [
 #: What a diffusers model may predict (its scheduler config's ``prediction_type``); ε is computed
 #: from each (:meth:`EpsModel._to_eps`). Anything else is refused when the model is loaded.
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+
+#: The network precisions of :class:`RunOptions` (``"auto"`` in params and on the command line picks
+#: one per device: :func:`diffpath.models.options.fast_run_options`).
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
 
 @runtime_checkable
@@ -80,7 +85,7 @@ class RunOptions:
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "tf32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32, tf32 or bf16, got {self.precision!r}")
 
     @classmethod

@@ -1,11 +1,14 @@
-"""The errors stage past one GPU: :func:`~diffpath.study.cache.compute_cache` sharded under torchrun.
+"""The errors stage past one GPU: :func:`~diffpath.cache.compute_cache` sharded under torchrun.
 
 Run it as::
 
     torchrun --nproc_per_node N -m diffpath.study.distributed --model SPEC --x0 FILE.npy --out CACHE.npz \\
-        [--families diffpath,diffpathv2] [--steps 10] [--batch-size 256] [--chunk-size 2048] \\
+        [--families diffpath,diffpathv2] [--steps 10] [--batch-size 128] [--chunk-size 1024] \\
         [--backend auto|nccl|gloo] [--device auto|cpu|cuda] [--precision auto|fp32|tf32|bf16] \\
         [--channels-last] [--compile] [--cuda-graphs] [--work-dir DIR]
+
+The model and run options, and their defaults, are those of every ``diffpath`` command
+(:mod:`diffpath.cli.options`); on a large GPU give a larger ``--batch-size``.
 
 Every rank loads the model on its own device (``cuda:LOCAL_RANK`` on GPUs), computes the chunks
 ``rank, rank + N, rank + 2N, ...`` of the images and writes each finished chunk to ``CACHE.npz.parts/``
@@ -18,7 +21,7 @@ on GPUs up to the run-to-run nondeterminism of their kernels). A killed run resu
 already on disk, with any number of processes. Without torchrun's environment (``WORLD_SIZE``
 unset) it runs as one process.
 
-Run options (precision, channels_last, compile, CUDA graphs) come from
+Run options (precision, channels_last, compile, CUDA graphs) are resolved per device by
 :mod:`diffpath.models.options`, as in the errors stage.
 """
 
@@ -36,8 +39,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffpath.cache import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_STEPS,
+    FAMILIES,
+    CacheConfig,
+    compute_cache,
+)
+from diffpath.cli import options as cli_options
 from diffpath.methods.diffpathv2 import ScoreErrorConfig
-from diffpath.study.cache import FAMILIES, CacheConfig, compute_cache
 from diffpath.models import RunOptions, load_model
 from diffpath.models.options import run_options_from_params
 
@@ -165,9 +176,9 @@ def run_sharded(
     out: str | Path,
     *,
     families: Sequence[str] = FAMILIES,
-    steps: int = 10,
-    batch_size: int = 256,
-    chunk_size: int = 2048,
+    steps: int = DEFAULT_STEPS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
     noise_key: str = "content",
     clip_denoised: bool = True,
@@ -189,7 +200,7 @@ def run_sharded(
         x0: (N, C, H, W) float32 images in [-1, 1], or a ``.npy`` / ``.npz`` file holding them.
         out: the cache ``.npz`` (rank 0 writes it; chunk parts go to ``out + ".parts/"``).
         families, steps, batch_size, chunk_size, seed, noise_key, clip_denoised, n_maps: the
-            :class:`~diffpath.study.cache.CacheConfig`.
+            :class:`~diffpath.cache.CacheConfig`.
         run_options: :class:`RunOptions`, or a params mapping for :func:`run_options_from_params`.
         backend, device: see :func:`dist_env`.
         data_key: identifies the input (a resumed run must match it).
@@ -263,27 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the errors stage's cache of DATASET/SPLIT exactly as `dvc repro` would "
                         "(model, settings and paths from --params); the stage then reuses it")
     p.add_argument("--params", default="params.yaml", help="with --stage: the parameters file")
-    p.add_argument("--model", help="diffusers folder, improved-diffusion .pt, or hub id")
+    cli_options.add_model(p, required=False)
     p.add_argument("--x0", help=".npy (float N×C×H×W in [-1, 1]) or .npz (x0 / images)")
     p.add_argument("--out", help="the cache .npz")
     p.add_argument("--families", default=",".join(FAMILIES), help="diffpath,diffpathv2 (default both)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--chunk-size", type=int, default=2048)
+    cli_options.add_steps(p)
     p.add_argument("--seed", type=int, default=0, help="seed of DiffPathV2's noise")
     p.add_argument("--noise-key", default="content", choices=["content", "index"])
     p.add_argument("--no-clip", action="store_true", help="do not clip x̂0 on the DiffPath path")
     p.add_argument("--n-maps", type=int, default=0, help="keep per-pixel maps of this many images")
     p.add_argument("--backend", default="auto", choices=["auto", "nccl", "gloo"])
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "tf32", "bf16"])
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--cuda-graphs", action="store_true")
+    cli_options.add_run(p)
     p.add_argument("--data-key", default="", help="identifies the input for resuming")
     p.add_argument("--work-dir", default=None, help="where chunk parts go (default OUT.parts)")
     p.add_argument("--timeout-min", type=float, default=120.0, help="process-group timeout (minutes)")
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -292,25 +296,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from diffpath.io import InputError
     from diffpath.models import ModelLoadError
 
-    opts = {"precision": args.precision, "channels_last": args.channels_last,
-            "compile": args.compile, "cuda_graphs": args.cuda_graphs}
     try:
+        run = cli_options.pass_options(args)
         if args.stage:
             cache = _run_stage_shards(*args.stage, params_file=args.params, backend=args.backend,
-                                      progress=not args.no_progress, timeout_min=args.timeout_min)
+                                      progress=run.progress, timeout_min=args.timeout_min)
             args.out = cache.pop("__out__") if cache is not None else None
         elif not (args.model and args.x0 and args.out):
             raise ValueError("give --stage DATASET SPLIT, or all of --model, --x0 and --out")
         else:
-          cache = run_sharded(
-            args.model, args.x0, args.out,
-            families=[f.strip() for f in args.families.split(",") if f.strip()],
-            steps=args.steps, batch_size=args.batch_size, chunk_size=args.chunk_size,
-            seed=args.seed, noise_key=args.noise_key, clip_denoised=not args.no_clip,
-            n_maps=args.n_maps, run_options=opts, backend=args.backend, device=args.device,
-            data_key=args.data_key, progress=not args.no_progress, timeout_min=args.timeout_min,
-            work_dir=args.work_dir,
-          )
+            cfg = cli_options.cache_config(
+                args, families=[f.strip() for f in args.families.split(",") if f.strip()],
+                clip_denoised=not args.no_clip, n_maps=args.n_maps,
+                score_error=ScoreErrorConfig(seed=args.seed, noise_key=args.noise_key))
+            cache = run_sharded(args.model, args.x0, args.out, cache_config=cfg,
+                                run_options=run.network_params(), backend=args.backend,
+                                device=run.device, data_key=args.data_key, progress=run.progress,
+                                timeout_min=args.timeout_min, work_dir=args.work_dir)
     except (InputError, ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"diffpath.study.distributed: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -17,8 +17,7 @@ import pandas as pd
 
 from diffpath.io import atomic_path, save_npz_atomic, write_json_atomic
 from diffpath.scoring import persist
-from diffpath.study.cache import load_cache
-from diffpath.study.layout import Layout, read_npz
+from diffpath.study.layout import Layout, load_cache, read_npz
 from diffpath.methods.registry import get_method
 from diffpath.scoring.metrics import detection_metrics
 from diffpath.scoring.scorers import make_scorer

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Layout", "StageInputError", "read_npz"]
+__all__ = ["Layout", "StageInputError", "load_cache", "read_npz"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ class Layout:
         return self._d("errors", dataset)
 
     def errors(self, dataset: str, split: str) -> Path:
-        """The per-step moments of one split (the errors stage, :mod:`diffpath.study.cache`)."""
+        """The per-step moments of one split (the errors stage, :mod:`diffpath.cache`)."""
         return self.errors_dir(dataset) / f"{split}.npz"
 
     def work(self, stage: str, *parts: str) -> Path:
@@ -178,3 +178,9 @@ def read_npz(path: str | Path, keys: tuple[str, ...] | None = None) -> dict[str,
     except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError …
         raise StageInputError(f"{path}: unreadable or truncated ({type(exc).__name__}: {exc}); "
                               "run `dvc repro` to rebuild it") from None
+
+
+def load_cache(path: str | Path) -> dict[str, np.ndarray]:
+    """An error cache of the study (the arrays of :func:`diffpath.cache.compute_cache`), read as
+    every artifact is (:func:`read_npz`: :class:`StageInputError` naming the file and the fix)."""
+    return read_npz(path)

@@ -1,6 +1,6 @@
 """Which timesteps carry the OOD signal: AUROC per timestep, per feature family, per window.
 
-The error cache keeps per-image, per-step moments (:mod:`diffpath.study.cache`), so any subset of
+The error cache keeps per-image, per-step moments (:mod:`diffpath.cache`), so any subset of
 timesteps can be scored without another model pass. For a *family* (one per-pixel quantity: ε along
 the DDIM path, the score error, the SSIM-weighted error, or the temporal derivative of one of them)
 and a contiguous *window* of steps [lo, hi), the feature of an image is the order-1/2/3 norm sums of

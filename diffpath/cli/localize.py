@@ -1,4 +1,4 @@
-"""``diffpath localize``: anomaly maps for a user's own images (handler of :mod:`diffpath.cli`).
+"""``diffpath localize``: anomaly maps for a user's own images.
 
 Writes into ``--out`` (a folder, written atomically: all or nothing):
 
@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_localize_command", "DEFAULT_SPEC"]
+from diffpath.cli import options
+from diffpath.cli.common import CLIError
+
+__all__ = ["add_command", "DEFAULT_SPEC"]
 
 #: Defaults of the command: the study's map, the table's ``deterministic`` row (params.yaml
 #: ``localization.rows``): inversion to 0.4·T in 5 DDIM steps and back, 10 UNet evaluations per image.
@@ -35,13 +38,13 @@ DEFAULT_SPEC = {"kind": "deterministic", "t0": [0.4], "steps": 5, "draws": 1, "r
 _OWN = {"scores.csv", "localize.json"}
 
 
-def add_localize_command(sub: argparse._SubParsersAction, add_common) -> None:
+def add_command(sub: argparse._SubParsersAction) -> None:
     from diffpath.data.files import RESIZE_MODES
 
     p = sub.add_parser("localize", help="anomaly maps (heat-map overlays, .npy maps, scores) for images",
                        description="Reconstruct each image through a partial diffusion round trip and "
                        "map where it differs; t0 is a fraction of the model's T.")
-    p.add_argument("--model", required=True, help="diffusers folder, improved-diffusion .pt, or hub id")
+    options.add_model(p)
     p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="images, folders or globs")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--kind", default=DEFAULT_SPEC["kind"], choices=["stochastic", "deterministic"])
@@ -58,7 +61,7 @@ def add_localize_command(sub: argparse._SubParsersAction, add_common) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     p.add_argument("--resize", default="auto", choices=RESIZE_MODES)
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
-    add_common(p)
+    options.add_run(p, chunks=False)
     p.set_defaults(handler=_cmd_localize)
 
 
@@ -100,14 +103,11 @@ def _safe_stem(p: Path) -> str:
 def _cmd_localize(args: argparse.Namespace) -> None:
     import torch
 
-    from diffpath.cli import CLIError
     from diffpath.data.files import NoImagesError, Preprocessing, find_images, load_images, read_image
     from diffpath.io import atomic_folder, check_writable
     from diffpath.methods.localization import MapSpec, localize, to_image_grid
-    from diffpath.models import RunOptions, load_model, resolve_device
 
-    if args.batch_size < 1:
-        raise CLIError("--batch-size must be positive")
+    run = options.pass_options(args)
     if args.smooth_sigma is not None and not args.smooth_sigma >= 0:
         raise CLIError(f"--smooth-sigma must be 0 or more pixels, got {args.smooth_sigma}")
     try:
@@ -122,11 +122,10 @@ def _cmd_localize(args: argparse.Namespace) -> None:
              and os.path.abspath(p) not in mine]
     if not paths:
         raise NoImagesError("no images to localise")
-    device = resolve_device(args.device)
-    model = load_model(args.model, device=device, options=RunOptions(precision=args.precision))
+    model = run.load_model(args.model)
     prep = Preprocessing(size=int(model.image_size), channels=int(model.channels), resize=args.resize)
     loaded = load_images(paths, prep, strict=args.strict)
-    res = localize(model, np.asarray(loaded.x0), spec, seed=args.seed, batch_size=args.batch_size,
+    res = localize(model, np.asarray(loaded.x0), spec, seed=args.seed, batch_size=run.batch_size,
                    smooth_sigma=args.smooth_sigma)
     if not all(np.all(np.isfinite(v)) for v in res.maps.values()):
         raise CLIError("the maps hold NaN or inf (is the model or input broken?)")

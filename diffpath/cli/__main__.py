@@ -1,0 +1,5 @@
+import sys
+
+from diffpath.cli import main
+
+sys.exit(main())

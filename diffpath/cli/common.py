@@ -1,0 +1,38 @@
+"""What every ``diffpath`` command shares: its one-line error, its warnings, kept work."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["CLIError", "cli_warnings", "report_kept_work"]
+
+
+class CLIError(Exception):
+    """An error to report in one line."""
+
+
+@contextmanager
+def cli_warnings() -> Iterator[None]:
+    """Show warnings (skipped files, the GMM grid shrinking...) as one ``diffpath: warning:`` line."""
+    from diffpath.data.files import ImageSkippedWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"diffpath: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.simplefilter("always", ImageSkippedWarning)
+        warnings.showwarning = show
+        yield
+
+
+def report_kept_work(wd: Path) -> None:
+    """Say where an interrupted run left work that a rerun resumes from."""
+    if wd.exists():
+        print(f"diffpath: partial work kept in {wd}; rerun the same command to resume", file=sys.stderr)
