@@ -174,3 +174,17 @@ def test_stage_mode_leaves_a_finished_cache_the_errors_stage_reuses(tmp_path, fi
     assert set(again) == set(first)
     for k in first:
         np.testing.assert_array_equal(again[k], first[k])
+
+
+def test_evaluations_per_image_count_only_the_configured_families():
+    """The errors stage's cost per image: one UNet evaluation per kept step of each family run
+    (a formula that assumed both families overcounted a single-family pass twofold)."""
+    from types import SimpleNamespace
+
+    from diffpath.core.schedule import NoiseSchedule
+
+    model = SimpleNamespace(schedule=NoiseSchedule.named("linear", 1000), num_timesteps=1000)
+    assert CacheConfig(steps=10).evaluations_per_image(model) == 20
+    assert CacheConfig(families=("diffpathv2",), steps=10).evaluations_per_image(model) == 10
+    assert CacheConfig(families=("diffpath",), steps=7).evaluations_per_image(model) == 7
+    assert CacheConfig(steps=10, v2_timesteps=[100, 300, 500]).evaluations_per_image(model) == 13

@@ -109,6 +109,11 @@ class CacheConfig:
             raise ValueError(f"v2_timesteps must be ≥2 timesteps in [0, {model.num_timesteps - 1}]")
         return ts
 
+    def evaluations_per_image(self, model: EpsModel) -> int:
+        """UNet evaluations per image: one per kept step of each configured family."""
+        return ((len(self.dp_timesteps(model)) if "diffpath" in self.families else 0)
+                + (len(self.v2_ts(model)) if "diffpathv2" in self.families else 0))
+
     def fingerprint(self, model: EpsModel, n_images: int, data_key: str) -> str:
         """Identity of a run: a resumed run must match it exactly."""
         d = asdict(self)
