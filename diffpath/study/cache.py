@@ -4,22 +4,22 @@ The UNet passes are the whole cost of the study, so they run once and their per-
 moments are cached (see :mod:`diffpath.core.sampling`); every feature variant, ablation, scorer and
 figure is then computed from the cache without touching the model again.
 
-Cache arrays (N images, T steps, 5 moments each, float64):
+Cache arrays (N images, K kept steps, 5 moments each, float64):
 
 =================  ===============  ===================================================
 key                shape            what
 =================  ===============  ===================================================
-``dp_eps``          (N, T, 5)       DiffPath: ε along the DDIM inversion path
-``dp_deps``         (N, T−1, 5)     DiffPath: Δε = diff(ε)·T
-``v2_err``          (N, T, 5)       DiffPathV2: score error e_t = ε̂ − ε
-``v2_derr``         (N, T−1, 5)     its temporal derivative
-``v2_werr``         (N, T, 5)       (1 − SSIM_t)·e_t
-``v2_dwerr``        (N, T−1, 5)     its temporal derivative
-``v2_ssim``         (N, T)          mean SSIM(x0, x̂0_t) per image and step
+``dp_eps``          (N, K, 5)       DiffPath: ε along the DDIM inversion path
+``dp_deps``         (N, K−1, 5)     DiffPath: Δε = diff(ε)·K
+``v2_err``          (N, K, 5)       DiffPathV2: score error e_t = ε̂ − ε
+``v2_derr``         (N, K−1, 5)     its temporal derivative
+``v2_werr``         (N, K, 5)       (1 − SSIM_t)·e_t
+``v2_dwerr``        (N, K−1, 5)     its temporal derivative
+``v2_ssim``         (N, K)          mean SSIM(x0, x̂0_t) per image and step
 ``index``           (N,)            global image index
-``dp_timesteps``    (T,)            original timesteps of the DDIM path
-``v2_timesteps``    (T,)            original timesteps of the score errors
-``maps_*``          (M, T, C, H, W) per-pixel maps of the first M images (``n_maps``)
+``dp_timesteps``    (K,)            original timesteps of the DDIM path
+``v2_timesteps``    (K,)            original timesteps of the score errors
+``maps_*``          (M, K, C, H, W) per-pixel maps of the first M images (``n_maps``)
 =================  ===============  ===================================================
 
 Work is split into chunks of ``chunk_size`` images. Each finished chunk is written atomically to
@@ -45,7 +45,6 @@ import torch
 
 from diffpath.io import save_npz_atomic, write_json_atomic
 from diffpath.models import EpsModel
-from diffpath.core.sampling import ddim_coefficients
 from diffpath.methods.diffpath import diffpath_path
 from diffpath.methods.diffpathv2 import ScoreErrorConfig, score_error_path
 
@@ -161,21 +160,12 @@ def _batch_arrays(model: EpsModel, x: torch.Tensor, idx: torch.Tensor, cfg: Cach
                   keep_maps: bool) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     if "diffpath" in cfg.families:
-        coeffs = ddim_coefficients(model.schedule.alphas_cumprod, cfg.dp_timesteps(model))
-        r = diffpath_path(model, x, coeffs, clip_denoised=cfg.clip_denoised, keep_maps=keep_maps)
-        out["dp_eps"], out["dp_deps"] = r.eps_moments, r.deps_moments
-        if keep_maps:
-            out["maps_dp_eps"], out["maps_dp_xt"] = r.eps, r.xt
+        out.update(diffpath_path(model, x, cfg.dp_timesteps(model), clip_denoised=cfg.clip_denoised,
+                                 keep_maps=keep_maps).as_cache())
     if "diffpathv2" in cfg.families:
         keys = idx if cfg.score_error.noise_key == "index" else None
-        r2 = score_error_path(model, x, cfg.v2_ts(model), model.schedule.alphas_cumprod,
-                              keys=keys, config=cfg.score_error, keep_maps=keep_maps)
-        out["v2_err"], out["v2_derr"] = r2.err_moments, r2.derr_moments
-        out["v2_werr"], out["v2_dwerr"] = r2.werr_moments, r2.dwerr_moments
-        out["v2_ssim"] = r2.ssim_mean
-        if keep_maps and r2.maps:
-            for k, v in r2.maps.items():
-                out[f"maps_v2_{k}"] = v
+        out.update(score_error_path(model, x, cfg.v2_ts(model), keys=keys, config=cfg.score_error,
+                                    keep_maps=keep_maps).as_cache())
     return out
 
 
