@@ -165,8 +165,9 @@ def _foreground_box(img: np.ndarray) -> tuple[int, int, int, int]:
 
 
 def _checked_recipe(base: str, sources: Sequence[str] | None, patch_size: tuple[int, int], n_per_class: int,
-                    part: int) -> tuple[tuple[str, ...], int, int]:
-    """The patch sources and the (min, max) patch side, after checking every argument."""
+                    part: int, anomalous_fraction: float) -> tuple[tuple[str, ...], tuple[int, int], int]:
+    """The patch sources, the (min, max) patch side and the number of anomalous images per class
+    (step 2 of the recipe), after checking every argument."""
     if base not in _BASE_CODE:
         raise ValueError(f"unknown base {base!r}; choose one of {', '.join(SYNTHETIC_BASES)}")
     srcs = tuple(DEFAULT_SOURCES[base] if sources is None else sources)
@@ -180,7 +181,10 @@ def _checked_recipe(base: str, sources: Sequence[str] | None, patch_size: tuple[
         raise ValueError("n_per_class must be >= 1")
     if part < 0:
         raise ValueError(f"part must be >= 0, got {part}")
-    return srcs, lo, hi
+    n_anom = int(round(anomalous_fraction * n_per_class))
+    if n_per_class >= 2:
+        n_anom = min(max(n_anom, 1), n_per_class - 1)
+    return srcs, (lo, hi), n_anom
 
 
 def _class_images(labels: np.ndarray, c: int, seed: int, base: str, n_per_class: int, part: int,
@@ -248,16 +252,13 @@ def synthetic_anomalies(
     """
     from diffpath.data import load_split
 
-    srcs, lo, hi = _checked_recipe(base, sources, patch_size, n_per_class, part)
+    srcs, side, n_anom = _checked_recipe(base, sources, patch_size, n_per_class, part, anomalous_fraction)
     full = load_split(base, split)
     H, W = full.images.shape[1:3]
-    if hi > min(H, W):
-        raise ValueError(f"patch_size max {hi} exceeds the image size {H}×{W}")
+    if side[1] > min(H, W):
+        raise ValueError(f"patch_size max {side[1]} exceeds the image size {H}×{W}")
     src_images = {s: load_split(s, split).images for s in dict.fromkeys(srcs)}
     code = _BASE_CODE[base]
-    n_anom = int(round(anomalous_fraction * n_per_class))
-    if n_per_class >= 2:
-        n_anom = min(max(n_anom, 1), n_per_class - 1)
     rows: dict[str, list] = {k: [] for k in ("images", "masks", "labels", "classes", "sources", "originals", "boxes")}
     for c in np.unique(full.labels).tolist():
         for j, i in enumerate(_class_images(full.labels, c, seed, base, n_per_class, part, split).tolist()):
@@ -266,9 +267,14 @@ def synthetic_anomalies(
             if j < n_anom:  # step 2: the first n_anom of a class get a patch
                 src_name = srcs[(c + j) % len(srcs)]
                 rng = np.random.default_rng([seed, code, c, j, 1] + ([part] if part else []))
-                img, mask, box = _paste(orig, src_name, src_images[src_name], rng, (lo, hi), min_contrast)
+                img, mask, box = _paste(orig, src_name, src_images[src_name], rng, side, min_contrast)
             for k, v in zip(rows, (img, mask, int(j < n_anom), c, src_name, orig, box)):
                 rows[k].append(v)
+    return _assembled(base, rows)
+
+
+def _assembled(base: str, rows: dict[str, list]) -> AnomalySet:
+    """The benchmark from its per-image rows (in the order they were made)."""
     names = FASHION_MNIST_CLASSES if base == "fashion_mnist" else tuple(str(d) for d in range(10))
     return AnomalySet(
         name=base,

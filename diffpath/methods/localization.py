@@ -388,6 +388,7 @@ class _Pass:
 
 def _start(model: Any, spec: MapSpec, schedule: NoiseSchedule | None, feature_layers: Sequence[str] | None,
            weights: Mapping[str, float] | None, map_kw: dict[str, Any], clip_denoised: bool) -> _Pass:
+    """The shared state of a round-trip row: counted model, schedule, per-draw maps, feature hooks."""
     base = [m for m in MAP_KINDS if m != "combined" and (m in spec.maps or "combined" in spec.maps)]
     if "combined" in spec.maps and weights is not None:
         base = [m for m in base if m in spec.maps or float(weights.get(m, 0.0)) != 0.0]
