@@ -30,18 +30,8 @@ from diffpath.core.protocols import EpsFn
 from diffpath.core.sampling import Step, StepCallback, ddim_walk, round_trip_steps
 from diffpath.core.schedule import NoiseSchedule, schedule_of
 from diffpath.methods.maps import (  # noqa: F401  (re-exported: the maps used to live here)
-    MAP_KINDS,
-    MODEL_FREE,
-    anomaly_maps,
-    combine_maps,
-    default_smooth_sigma,
-    feature_distance_map,
-    gaussian_smooth,
-    image_scores,
-    map_scales,
-    model_free_map,
-    pixel_distance_map,
-    ssim_distance_map,
+    MAP_KINDS, MODEL_FREE, anomaly_maps, combine_maps, default_smooth_sigma, feature_distance_map,
+    gaussian_smooth, image_scores, map_scales, model_free_map, pixel_distance_map, ssim_distance_map,
     to_image_grid,
 )
 from diffpath.models.hooks import UNetFeatures
