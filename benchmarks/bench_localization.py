@@ -46,12 +46,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffpath.core.sampling import ddim_denoise, partial_ddim_coefficients  # noqa: E402
-from diffpath.core.schedule import alphas_cumprod_of  # noqa: E402
+from diffpath.core.sampling import ddim_walk, round_trip_steps  # noqa: E402
+from diffpath.core.schedule import schedule_of  # noqa: E402
 from diffpath.data import to_model_input  # noqa: E402
 from diffpath.data.anomalies import synthetic_anomalies  # noqa: E402
 from diffpath.methods import maps as M  # noqa: E402
-from diffpath.methods.localization import MapSpec, localize, stochastic_reconstruct, timestep_of  # noqa: E402
+from diffpath.methods.localization import (  # noqa: E402
+    MapSpec,
+    batch_generator,
+    localize,
+    stochastic_reconstruct,
+    timestep_of,
+)
 from diffpath.models import load_model  # noqa: E402
 from diffpath.models.hooks import UNetFeatures  # noqa: E402
 from diffpath.scoring.bootstrap import paired_bootstrap  # noqa: E402
@@ -87,13 +93,13 @@ class Conditioned:
 
     def __init__(self, model, y: torch.Tensor, w: float):
         self.model, self.y, self.w = model, y, float(w)
-        self.ac = torch.as_tensor(alphas_cumprod_of(model, None), dtype=torch.float64)
+        self.schedule = schedule_of(model)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         eps = self.model(x, t)
-        a = self.ac[t.cpu()].to(x).view(-1, 1, 1, 1)
-        y_t = a.sqrt() * self.y + (1 - a).sqrt() * eps
-        return eps - self.w * (1 - a).sqrt() * (y_t - x)
+        y_t = self.schedule.q_sample(self.y, t, eps)
+        (s,) = self.schedule.coefficients(("sqrt_1m_ab",), t, x)
+        return eps - self.w * s * (y_t - x)
 
 
 class Bench:
@@ -101,14 +107,15 @@ class Bench:
 
     def __init__(self, model, x0: torch.Tensor, seed: int, batch: int = 100):
         self.model, self.x0, self.seed, self.batch = model, x0, seed, batch
-        self.T = len(alphas_cumprod_of(model, None))
+        self.schedule = schedule_of(model)
+        self.T = self.schedule.num_timesteps
         self._cache: dict[tuple, torch.Tensor] = {}
         self._feats = UNetFeatures(model, None)
 
     def batches(self, fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor]) -> torch.Tensor:
         out = []
         for lo in range(0, len(self.x0), self.batch):
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + lo)
+            gen = batch_generator(self.seed, lo, "cpu")  # as localize seeds its batches
             with torch.no_grad():
                 out.append(fn(self.x0[lo : lo + self.batch], gen))
         return torch.cat(out, dim=1)
@@ -124,14 +131,12 @@ class Bench:
 
     def conditioned(self, t0: float, steps: int, draws: int, w: float) -> torch.Tensor:
         t = timestep_of(t0, self.T, steps)
-        ac = alphas_cumprod_of(self.model, None)
-        den = partial_ddim_coefficients(ac, t, steps)[1]
-        a = float(ac[t])
+        den = round_trip_steps(t, steps)[1]
 
         def one(xb, g):
             cm = Conditioned(self.model, xb, w)
-            return torch.stack([ddim_denoise(cm, np.sqrt(a) * xb + np.sqrt(1 - a) * torch.randn(
-                xb.shape, generator=g), den) for _ in range(draws)])
+            return torch.stack([ddim_walk(cm, self.schedule.q_sample(xb, t, torch.randn(xb.shape, generator=g)),
+                                          den, schedule=self.schedule) for _ in range(draws)])
         return self.batches(one)
 
     def pixel(self, recs: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ import torch
 
 from diffpath.methods.diffpath import DIFFPATH_STAT_NAMES, diffpath_1d, diffpath_6d, diffpath_statistics
 from diffpath.models import load_model
-from diffpath.core.sampling import ddim_coefficients
 from diffpath.methods.diffpath import diffpath_path
 
 
@@ -41,8 +40,7 @@ def model(fixture_dir):
 @pytest.fixture(scope="module")
 def result(model, ref):
     ts = model.schedule.respaced_timesteps(10)
-    coeffs = ddim_coefficients(model.schedule.alphas_cumprod, ts)
-    return diffpath_path(model, torch.from_numpy(ref["x0"]), coeffs, clip_denoised=True, keep_maps=True)
+    return diffpath_path(model, torch.from_numpy(ref["x0"]), ts, clip_denoised=True, keep_maps=True)
 
 
 def test_model_settings(model):

@@ -22,7 +22,7 @@ from diffpath.methods.localization import (
     ssim_distance_map,
     to_image_grid,
 )
-from diffpath.core.sampling import partial_ddim_coefficients, partial_timesteps
+from diffpath.core.sampling import CLEAN, partial_timesteps, round_trip_steps
 from diffpath.models.hooks import UNetFeatures
 from diffpath.scoring.metrics import (
     image_auroc,
@@ -59,22 +59,17 @@ def _images(b=3, c=1, s=16, seed=0) -> torch.Tensor:
 # reconstruction schedule
 
 
-def test_partial_timesteps_and_coefficients():
+def test_partial_timesteps_and_round_trip_steps():
     assert partial_timesteps(400, 10) == list(range(0, 400, 40))
     assert partial_timesteps(250, 4) == [0, 62, 125, 188]  # round(j·62.5), numpy rounding (half-even)
-    inv, den = partial_ddim_coefficients(AC, 400, 10)
-    assert inv.timesteps == tuple(range(0, 400, 40))
-    assert den.timesteps == tuple(range(40, 401, 40))
-    # the inversion ends exactly on ᾱ_{t0}; the denoising starts there and ends at ᾱ = 1
-    assert inv.alpha_bar_next[-1] == AC[400]
-    np.testing.assert_array_equal(inv.alpha_bar_next, AC[list(range(40, 401, 40))])
-    np.testing.assert_array_equal(den.alpha_bar, inv.alpha_bar_next)
-    assert den.alpha_bar_prev[0] == 1.0
-    np.testing.assert_array_equal(den.alpha_bar_prev[1:], AC[list(range(40, 400, 40))])
+    inv, den = round_trip_steps(400, 10)
+    # the inversion visits the grid and ends exactly on t0; the denoising walks it back to clean
+    assert inv == list(zip(range(0, 400, 40), range(40, 401, 40)))
+    assert den == [(t, t - 40) for t in range(400, 40, -40)] + [(40, CLEAN)]
     with pytest.raises(ValueError):
         partial_timesteps(5, 10)
-    with pytest.raises(ValueError):
-        partial_ddim_coefficients(AC, 1000, 10)
+    with pytest.raises(ValueError, match="t0"):
+        reconstruct(ZeroEps(), _images(), 1000, 10)
 
 
 @pytest.mark.parametrize("t0,steps", [(400, 10), (999, 7), (50, 50), (1, 1)])
@@ -427,3 +422,34 @@ def test_denoise_t0_ablation_restores_a_schedule_mismatch():
     # ε ≡ 0 and a latent at ᾱ_300 read as if at ᾱ_600: the output is x_300/√ᾱ_600
     mis = reconstruct(ZeroEps(), x0, 300, 6, clip_denoised=False, denoise_t0=600)
     torch.testing.assert_close(mis.x_hat, x0 * float(np.sqrt(AC[300] / AC[0] / AC[600])), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# the walkthrough (notebook 35) shows the table's (notebook 30) maps
+
+
+@pytest.mark.parametrize("spec", [MapSpec("deterministic", t0=(0.4,), steps=2),
+                                  MapSpec("stochastic", t0=(0.3,), steps=2, draws=2, maps=("pixel", "ssim"))])
+def test_one_image_gets_the_tables_maps_bit_for_bit(tiny_model, spec):
+    """``table_maps`` as notebook 30 calls it (every image) and as notebook 35 calls it (one image,
+    with a callback): the same maps, scores and reconstruction, for images in the first, a middle
+    and the last (short) batch; the stochastic draws the callback shows are the table's draws."""
+    from diffpath.study.localization import table_maps
+
+    bench = synthetic_anomalies("fashion_mnist", n_per_class=2)  # 20 images, batches of 8, 8, 4
+    kw = {"seed": 3, "batch_size": 8, "smooth_sigma": 3.0}
+    table = table_maps(tiny_model, bench, spec, **kw)
+    for i in (0, 9, 19):
+        steps: list = []
+        one = table_maps(tiny_model, bench, spec, image=i, callback=steps.append, **kw)
+        for m in spec.maps:
+            assert one.maps[m].shape == (1, 28, 28)
+            assert np.array_equal(one.maps[m][0], table.maps[m][i]), (m, i)
+            assert one.scores[m][0] == table.scores[m][i]
+        assert np.array_equal(one.x_hat[0], table.x_hat[i]) and one.nfe == table.nfe
+        assert all(v.shape[0] == 1 for s in steps for v in s.values() if isinstance(v, torch.Tensor))
+        ends = [s["x_next"] for s in steps if s["phase"] == "denoise" and s["i"] == spec.steps - 1]
+        assert len(ends) == spec.draws
+        assert np.array_equal(torch.stack(ends).mean(0)[0].numpy(), table.x_hat[i])
+    other = table_maps(tiny_model, bench, spec, image=9, **{**kw, "seed": 4})
+    assert spec.kind == "deterministic" or not np.array_equal(other.maps["pixel"][0], table.maps["pixel"][9])

@@ -74,3 +74,67 @@ def test_q_sample_and_predict_x0_are_inverse_and_round_coefficients_once():
     back = s.predict_x0(s.q_sample(x0d, t, epsd), t, epsd)
     assert torch.allclose(back, x0d, rtol=0, atol=1e-12 / np.sqrt(ab.min()))  # float64 rounding × 1/√ᾱ
     assert s.predict_x0(xt, t, eps).dtype == torch.float32
+
+
+def test_predict_eps_inverts_predict_x0_and_coefficients_are_rounded_once():
+    """predict_eps is the inverse of predict_x0 (improved-diffusion's pair); every coefficient is
+    the float64 value rounded once to the images' dtype, whether t is an int or a tensor, on
+    every call (the device table is built once)."""
+    import torch
+
+    from diffpath.core.schedule import _COEFFICIENTS
+
+    s = NoiseSchedule.named("cosine", 400)
+    g = torch.Generator().manual_seed(1)
+    xt = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 123, 399])
+    x0 = s.predict_x0(xt, t, eps)
+    back = s.predict_eps(xt, t, x0)
+    assert torch.allclose(back, eps, rtol=0, atol=1e-9)
+    like = torch.zeros(3, 1, 4, 4)
+    for name, f in _COEFFICIENTS.items():
+        want = torch.from_numpy(np.asarray(f(s.alphas_cumprod), dtype=np.float64)).float()
+        (per_image,) = s.coefficients((name,), t, like)
+        assert per_image.shape == (3, 1, 1, 1) and per_image.dtype == torch.float32
+        assert torch.equal(per_image.flatten(), want[t])
+        (one,) = s.coefficients((name,), 123, like)
+        assert one.shape == () and torch.equal(one, want[123])
+    # one table per (device, dtype), reused by every call above
+    assert set(s._tables) == {("cpu", torch.float64), ("cpu", torch.float32)}
+    with pytest.raises(ValueError):
+        s.coefficients(("sqrt_ab",), 400, like)
+    with pytest.raises(ValueError):
+        s.coefficients(("sqrt_ab",), torch.tensor([0, 400]), like)
+
+
+def test_schedule_of_takes_the_given_schedule_or_the_models():
+    from diffpath.core.schedule import schedule_of
+
+    a, b = NoiseSchedule.named("linear", 100), NoiseSchedule.named("cosine", 100)
+
+    class WithSchedule:
+        schedule = a
+
+    assert schedule_of(WithSchedule()) is a and schedule_of(WithSchedule(), b) is b
+    assert schedule_of(lambda x, t: x, b) is b
+    with pytest.raises(ValueError, match="schedule"):
+        schedule_of(lambda x, t: x)
+
+
+def test_core_imports_nothing_else_of_diffpath():
+    """Layers point down: diffpath.core (the maths) imports only numpy, torch and itself."""
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parents[1] / "diffpath" / "core"
+    for f in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for name in names:
+                assert not name.startswith("diffpath") or name.startswith("diffpath.core"), (f.name, name)
+    from diffpath.core.protocols import EpsFn
+    from diffpath.models import EpsFn as Reexported
+
+    assert Reexported is EpsFn

@@ -66,7 +66,7 @@ def smooth_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def test_true_noise_oracle_gives_zero_error_and_unit_ssim():
     x0 = _images(4)
     keys = image_keys(x0)
-    res = score_error_path(TrueNoise(keys), x0, TS, ABAR, keep_maps=True)
+    res = score_error_path(TrueNoise(keys), x0, TS, schedule=SCHED, keep_maps=True)
     for m in (res.err_moments, res.derr_moments, res.werr_moments, res.dwerr_moments):
         assert m.dtype == torch.float64
         assert torch.count_nonzero(m) == 0  # exactly zero: ε̂ is bit-identical to ε
@@ -86,7 +86,7 @@ def test_true_noise_oracle_gives_zero_error_and_unit_ssim():
 
 def test_true_noise_oracle_float64_has_exact_reconstruction():
     x0 = _images(2, dtype=torch.float64)
-    res = score_error_path(TrueNoise(image_keys(x0)), x0, TS, ABAR, keep_maps=True)
+    res = score_error_path(TrueNoise(image_keys(x0)), x0, TS, schedule=SCHED, keep_maps=True)
     assert torch.count_nonzero(res.err_moments) == 0
     expect = x0.unsqueeze(1).expand(-1, len(TS), -1, -1, -1)
     torch.testing.assert_close(res.maps["x0_hat"], expect, rtol=0, atol=1e-12)
@@ -95,7 +95,7 @@ def test_true_noise_oracle_float64_has_exact_reconstruction():
 
 def test_reconstructing_oracle_error_is_rounding_only():
     x0 = _images(3)
-    res = score_error_path(ReconstructingEps(x0, SCHED), x0, TS, ABAR, keep_maps=True)
+    res = score_error_path(ReconstructingEps(x0, SCHED), x0, TS, schedule=SCHED, keep_maps=True)
     T = len(TS)
     # x_t is rounded to float32 (|x_t| ≲ 5); the oracle divides that rounding by √(1−ᾱ)
     bound = np.array([2 * EPS32 * 5 / math.sqrt(1 - ABAR[t]) for t in TS])
@@ -152,7 +152,7 @@ def _expected_linear(c: float, T: int, n: int):
 def test_linear_error_float64_exact():
     c, T = 0.125, len(TS)
     x0 = _images(3, dtype=torch.float64)
-    res = score_error_path(TrueNoise(image_keys(x0), offset_per_step=c), x0, TS, ABAR)
+    res = score_error_path(TrueNoise(image_keys(x0), offset_per_step=c), x0, TS, schedule=SCHED)
     err, derr, norm, power = _expected_linear(c, T, N_PIX)
     # e_i = c·i and Δe = c·T are dyadic, so float64 represents every sum exactly
     for b in range(3):
@@ -174,7 +174,7 @@ def test_linear_error_float64_exact():
 def test_linear_error_float32_to_rounding():
     c, T = 0.125, len(TS)
     x0 = _images(2)
-    res = score_error_path(TrueNoise(image_keys(x0), offset_per_step=c), x0, TS, ABAR)
+    res = score_error_path(TrueNoise(image_keys(x0), offset_per_step=c), x0, TS, schedule=SCHED)
     err, derr, norm, _ = _expected_linear(c, T, N_PIX)
     # ε̂ = fl(ε + c·i) with |ε + c·i| < 8: each e is c·i within 2^-24·8 ≈ 5e-7 ≈ 4·eps32
     tol = 4 * EPS32
@@ -193,7 +193,7 @@ def test_linear_error_weighted_by_analytic_ssim():
     x0 = torch.full((2, *SHAPE), mu, dtype=torch.float64)
     x0[1] = -0.4  # second image: another level
     keys = image_keys(x0)
-    res = score_error_path(TrueNoise(keys, offset_per_step=c), x0, TS, ABAR)
+    res = score_error_path(TrueNoise(keys, offset_per_step=c), x0, TS, schedule=SCHED)
     c1 = (0.01 * 2) ** 2
     for b, m in enumerate((mu, -0.4)):
         e = c * np.arange(T)
@@ -217,7 +217,7 @@ def test_linear_error_weighted_by_analytic_ssim():
 
 def _features(x0, keys=None, seed=0):
     cfg = ScoreErrorConfig(seed=seed)
-    res = score_error_path(smooth_model, x0, TS, ABAR, keys=keys, config=cfg)
+    res = score_error_path(smooth_model, x0, TS, schedule=SCHED, keys=keys, config=cfg)
     return np.concatenate(
         [
             diffpathv2_features(res.werr_moments, res.dwerr_moments),
@@ -318,7 +318,7 @@ def test_result_shapes_maps_and_callback():
     x0 = _images(3)
     T = len(TS)
     seen = []
-    res = score_error_path(smooth_model, x0, TS, ABAR, callback=seen.append)
+    res = score_error_path(smooth_model, x0, TS, schedule=SCHED, callback=seen.append)
     assert res.maps is None
     for name, shape in [
         ("err_moments", (3, T, 5)),
@@ -330,9 +330,9 @@ def test_result_shapes_maps_and_callback():
         v = getattr(res, name)
         assert v.shape == shape and v.dtype == torch.float64, name
     assert [s["i"] for s in seen] == list(range(T)) and [s["t"] for s in seen] == TS
-    assert set(seen[0]) == {"i", "t", "xt", "eps", "eps_hat", "err", "x0_hat", "ssim", "werr"}
+    assert set(seen[0]) == {"i", "t", "x_t", "eps_true", "eps_hat", "err", "x0_hat", "ssim", "werr"}
 
-    kept = score_error_path(smooth_model, x0, TS, ABAR, keep_maps=True)
+    kept = score_error_path(smooth_model, x0, TS, schedule=SCHED, keep_maps=True)
     assert set(kept.maps) == set(MAP_NAMES)
     for name in MAP_NAMES:
         assert kept.maps[name].shape == (3, T, *SHAPE) and kept.maps[name].device.type == "cpu"
@@ -342,7 +342,8 @@ def test_result_shapes_maps_and_callback():
     for i in range(T):
         torch.testing.assert_close(kept.err_moments[:, i], moments(m["err"][:, i]))
         torch.testing.assert_close(m["ssim"][:, i], ssim_map(x0, m["x0_hat"][:, i]))
-        torch.testing.assert_close(m["err"][:, i], m["eps_hat"][:, i] - seen[i]["eps"])
+        torch.testing.assert_close(m["err"][:, i], m["eps_hat"][:, i] - seen[i]["eps_true"])
+        assert torch.equal(m["xt"][:, i], seen[i]["x_t"]) and torch.equal(m["x0_hat"][:, i], seen[i]["x0_hat"])
     for i in range(T - 1):
         dw = (m["werr"][:, i + 1] - m["werr"][:, i]) * T
         torch.testing.assert_close(kept.dwerr_moments[:, i], moments(dw))
@@ -352,9 +353,9 @@ def test_clipping_option():
     x0 = _images(2)
     keys = image_keys(x0)
     model = TrueNoise(keys, offset_per_step=0.5)  # large errors push x̂0 out of [-1, 1]
-    raw = score_error_path(model, x0, TS, ABAR, keep_maps=True)
+    raw = score_error_path(model, x0, TS, schedule=SCHED, keep_maps=True)
     cfg = ScoreErrorConfig(clip_x0_hat=True)
-    clipped = score_error_path(model, x0, TS, ABAR, keep_maps=True, config=cfg)
+    clipped = score_error_path(model, x0, TS, schedule=SCHED, keep_maps=True, config=cfg)
     assert raw.maps["x0_hat"].abs().max() > 1
     assert clipped.maps["x0_hat"].abs().max() <= 1
     torch.testing.assert_close(clipped.err_moments, raw.err_moments)  # e does not depend on x̂0
@@ -363,17 +364,36 @@ def test_clipping_option():
 
 def test_single_step_and_errors():
     x0 = _images(2)
-    res = score_error_path(smooth_model, x0, [300], ABAR)
+    res = score_error_path(smooth_model, x0, [300], schedule=SCHED)
     assert res.derr_moments.shape == (2, 0, 5)
     f = diffpathv2_features(res.werr_moments, res.derr_moments)
     assert f.shape == (2, 6) and np.all(f[:, 3:] == 0)
     with pytest.raises(ValueError, match="index"):
-        score_error_path(smooth_model, x0, TS, ABAR, config=ScoreErrorConfig(noise_key="index"))
+        score_error_path(smooth_model, x0, TS, schedule=SCHED, config=ScoreErrorConfig(noise_key="index"))
     with pytest.raises(ValueError):
         ScoreErrorConfig(noise_key="position")
     with pytest.raises(ValueError, match="increasing"):
-        score_error_path(smooth_model, x0, [200, 100], ABAR)
+        score_error_path(smooth_model, x0, [200, 100], schedule=SCHED)
     with pytest.raises(ValueError):
-        score_error_path(smooth_model, x0, [0, 1000], ABAR)
+        score_error_path(smooth_model, x0, [0, 1000], schedule=SCHED)
     with pytest.raises(ValueError):
-        score_error_path(smooth_model, x0, TS, ABAR, keys=torch.arange(3))
+        score_error_path(smooth_model, x0, TS, schedule=SCHED, keys=torch.arange(3))
+
+
+def test_result_knows_its_cache_keys():
+    """``as_cache`` gives the error cache's arrays under the cache's (on-disk) names, maps only when
+    kept; the registry's methods read the same names."""
+    from diffpath.methods.registry import method_features
+
+    x0 = _images(2)
+    res = score_error_path(smooth_model, x0, TS, schedule=SCHED)
+    cache = res.as_cache()
+    assert set(cache) == {"v2_err", "v2_derr", "v2_werr", "v2_dwerr", "v2_ssim"}
+    assert cache["v2_werr"] is res.werr_moments and cache["v2_ssim"] is res.ssim_mean
+    kept = score_error_path(smooth_model, x0, TS, schedule=SCHED, keep_maps=True).as_cache()
+    assert set(kept) - set(cache) == {f"maps_v2_{n}" for n in ("xt", "eps_hat", "err", "x0_hat", "ssim", "werr")}
+    arrays = {k: v.numpy() for k, v in cache.items()}
+    np.testing.assert_array_equal(method_features("diffpathv2", arrays),
+                                  diffpathv2_features(res.werr_moments, res.dwerr_moments))
+    np.testing.assert_array_equal(method_features("score_error", arrays),
+                                  diffpathv2_features(res.err_moments, res.derr_moments))

@@ -192,6 +192,21 @@ def test_base_model_eval_and_localization_stages_run_on_it(trained):
     assert (loc["pixel_auroc_lo"] <= loc["pixel_auroc"]).all() and (loc["pixel_auroc"] <= loc["pixel_auroc_hi"]).all()
     summary = json.loads((work / "reports/localization.json").read_text())
     assert "seconds" not in json.dumps(summary)  # nothing that changes from run to run
+    run_stage("localization_walkthrough", params=p, cwd=work)  # the same tiny table, one image of it
+    assert (work / "reports/figures/localization_walkthrough/round_trips.png").stat().st_size > 1000
+
+
+def test_the_localization_walkthrough_reads_the_tables_settings():
+    """Notebook 35 shows the table's maps of one image: it receives every setting that shapes the
+    table's maps (and its benchmark) from the ``localization`` section, and names table rows."""
+    p = load_params(ROOT / "params.yaml")
+    table = stage_parameters("localization", p)
+    walk = stage_parameters("localization_walkthrough", p)
+    for k in ("rows", "n_per_class", "seed", "part", "batch_size", "feature_t", "feature_layers",
+              "smooth_sigma", "pool", "weights"):
+        assert walk[k] == table[k], k
+    assert walk["dataset"] in table["datasets"]
+    assert {walk["deterministic_row"], walk["stochastic_row"]} <= set(table["rows"])
 
 
 def test_a_truncated_prepared_file_is_one_line_naming_it(tmp_path, tiny_model):

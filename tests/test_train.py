@@ -76,13 +76,13 @@ def _eps_fn(unet):
 
 def test_tiny_training_reduces_heldfixed_loss(images, tmp_path):
     cfg = tiny_cfg()
-    ab = train_schedule(cfg).alphas_cumprod
+    sched = train_schedule(cfg)
     ts = [50, 200, 400, 600]
     with torch.no_grad():
-        before = denoising_loss_per_timestep(_eps_fn(build_unet(cfg)), images[:32], ts, 7, alphas_cumprod=ab)
+        before = denoising_loss_per_timestep(_eps_fn(build_unet(cfg)), images[:32], ts, 7, schedule=sched)
     res = train(cfg, images, tmp_path / "run", resume=False, progress=False)
     with torch.no_grad():
-        after = denoising_loss_per_timestep(_eps_fn(res.model), images[:32], ts, 7, alphas_cumprod=ab)
+        after = denoising_loss_per_timestep(_eps_fn(res.model), images[:32], ts, 7, schedule=sched)
     assert res.step == 20
     assert len(res.history) == 4 and res.history[-1]["step"] == 20
     assert after.mean() < 0.8 * before.mean(), (before, after)
@@ -181,13 +181,13 @@ def test_denoising_loss_of_zero_model_is_one():
     def zero(x, t):
         return torch.zeros_like(x)
 
-    ab = train_schedule(tiny_cfg()).alphas_cumprod
+    sched = train_schedule(tiny_cfg())
     ts = [0, 10, 100, 500, 999]
-    loss = denoising_loss_per_timestep(zero, x0, ts, seed=3, alphas_cumprod=ab, batch_size=24)
+    loss = denoising_loss_per_timestep(zero, x0, ts, seed=3, schedule=sched, batch_size=24)
     assert loss.shape == (5,) and loss.dtype == np.float64
     assert np.all(np.abs(loss - 1.0) < tol), (loss, tol)
     # the same seed gives the same noise, whatever the images or batch size
-    again = denoising_loss_per_timestep(zero, -x0, ts, seed=3, alphas_cumprod=ab, batch_size=64)
+    again = denoising_loss_per_timestep(zero, -x0, ts, seed=3, schedule=sched, batch_size=64)
     np.testing.assert_allclose(loss, again, rtol=1e-12)
 
 

@@ -4,22 +4,22 @@ The UNet passes are the whole cost, so they run once and their per-image, per-st
 cached (see :mod:`diffpath.core.sampling`); every feature variant, ablation, scorer and figure is
 then computed from the cache without touching the model again.
 
-Cache arrays (N images, T steps, 5 moments each, float64):
+Cache arrays (N images, K kept steps, 5 moments each, float64):
 
 =================  ===============  ===================================================
 key                shape            what
 =================  ===============  ===================================================
-``dp_eps``          (N, T, 5)       DiffPath: ε along the DDIM inversion path
-``dp_deps``         (N, T−1, 5)     DiffPath: Δε = diff(ε)·T
-``v2_err``          (N, T, 5)       DiffPathV2: score error e_t = ε̂ − ε
-``v2_derr``         (N, T−1, 5)     its temporal derivative
-``v2_werr``         (N, T, 5)       (1 − SSIM_t)·e_t
-``v2_dwerr``        (N, T−1, 5)     its temporal derivative
-``v2_ssim``         (N, T)          mean SSIM(x0, x̂0_t) per image and step
+``dp_eps``          (N, K, 5)       DiffPath: ε along the DDIM inversion path
+``dp_deps``         (N, K−1, 5)     DiffPath: Δε = diff(ε)·K
+``v2_err``          (N, K, 5)       DiffPathV2: score error e_t = ε̂ − ε
+``v2_derr``         (N, K−1, 5)     its temporal derivative
+``v2_werr``         (N, K, 5)       (1 − SSIM_t)·e_t
+``v2_dwerr``        (N, K−1, 5)     its temporal derivative
+``v2_ssim``         (N, K)          mean SSIM(x0, x̂0_t) per image and step
 ``index``           (N,)            global image index
-``dp_timesteps``    (T,)            original timesteps of the DDIM path
-``v2_timesteps``    (T,)            original timesteps of the score errors
-``maps_*``          (M, T, C, H, W) per-pixel maps of the first M images (``n_maps``)
+``dp_timesteps``    (K,)            original timesteps of the DDIM path
+``v2_timesteps``    (K,)            original timesteps of the score errors
+``maps_*``          (M, K, C, H, W) per-pixel maps of the first M images (``n_maps``)
 ``meta``            ()              JSON: the run's fingerprint, N, chunk size, settings
 =================  ===============  ===================================================
 

@@ -45,17 +45,17 @@ def moments(q: torch.Tensor) -> torch.Tensor:
 
 
 def as_moments(m: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per-step moments as a float64 numpy array, checked to be (B, T, 5)."""
+    """Per-step moments as a float64 numpy array, checked to be (B, K, 5) (K steps)."""
     if isinstance(m, torch.Tensor):
         m = m.detach().cpu().numpy()
     m = np.asarray(m, dtype=np.float64)
     if m.ndim != 3 or m.shape[-1] != len(MOMENTS):
-        raise ValueError(f"moments must have shape (B, T, {len(MOMENTS)}), got {m.shape}")
+        raise ValueError(f"moments must have shape (B, K, {len(MOMENTS)}), got {m.shape}")
     return m
 
 
 def moment(m: np.ndarray, name: str) -> np.ndarray:
-    """The (B, T) slice of one named moment of (B, T, 5) moments."""
+    """The (B, K) slice of one named moment of (B, K, 5) moments."""
     return m[..., _IDX[name]]
 
 
@@ -63,9 +63,9 @@ def order_norm_sums(m: np.ndarray | torch.Tensor, kind: str = "norm") -> np.ndar
     """Sums over steps of the 1st-, 2nd- and 3rd-order sizes of a per-pixel quantity.
 
     Args:
-        m: (B, T, 5) moments of the quantity at each step.
-        kind: ``"norm"``: Σ_t ‖q_t‖₁, Σ_t ‖q_t‖₂, Σ_t ‖q_t‖₃ (vector p-norms over pixels);
-            ``"power"``: Σ_t Σ|q_t|, Σ_t Σq_t², Σ_t Σ|q_t|³ (absolute power sums, DiffPath-style).
+        m: (B, K, 5) moments of the quantity at each of K steps.
+        kind: ``"norm"``: Σ_k ‖q_k‖₁, Σ_k ‖q_k‖₂, Σ_k ‖q_k‖₃ (vector p-norms over pixels);
+            ``"power"``: Σ_k Σ|q_k|, Σ_k Σq_k², Σ_k Σ|q_k|³ (absolute power sums, DiffPath-style).
 
     Returns:
         (B, 3) float64.

@@ -1,22 +1,27 @@
 """Noise schedules in float64, and respacing to a few DDIM steps.
 
 This is the one place that knows ᾱ. Everything is kept in float64 numpy arrays (as
-improved-diffusion does) and only turned into tensors of the working precision at the last moment.
+improved-diffusion does) and only turned into tensors of the working precision at the last moment,
+by :meth:`NoiseSchedule.coefficients`; :meth:`~NoiseSchedule.q_sample`,
+:meth:`~NoiseSchedule.predict_x0` and :meth:`~NoiseSchedule.predict_eps` are the study's one
+noising formula and its two inversions. Notation (T, K, ᾱ_t, ...): :mod:`diffpath.core.sampling`.
 
 Conventions
 -----------
 * ``T`` is the number of training timesteps of the base model (1000 for most DDPMs, 4000 for
   DiffPath's improved-diffusion checkpoints); timesteps are integers ``0 .. T-1``.
 * ``alphas_cumprod[t]`` is ᾱ_t, the signal fraction *after* step ``t``: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε.
-* A *respaced* schedule keeps ``n`` of the ``T`` timesteps; its own betas are re-derived from the kept
-  ᾱ values (``1 − ᾱ_k / ᾱ_{k-1}``), exactly as improved-diffusion's ``SpacedDiffusion`` does.
+* A *respaced* schedule keeps ``K`` of the ``T`` timesteps; its own betas are re-derived from the
+  kept ᾱ values (``1 − ᾱ_k / ᾱ_{k-1}``), exactly as improved-diffusion's ``SpacedDiffusion`` does.
+* A pass receives the schedule one way: ``schedule=None`` means the model's own
+  ``model.schedule`` (:func:`schedule_of`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +33,7 @@ __all__ = [
     "cosine_betas",
     "betas_for",
     "space_timesteps",
-    "alphas_cumprod_of",
+    "schedule_of",
 ]
 
 
@@ -102,6 +107,9 @@ class NoiseSchedule:
 
     betas: np.ndarray
     name: str = "custom"
+    #: (device, dtype) → name → (T,) coefficient tensor, built once (see :meth:`coefficients`)
+    _tables: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         b = np.asarray(self.betas, dtype=np.float64)
@@ -157,19 +165,30 @@ class NoiseSchedule:
                      like: torch.Tensor) -> list[torch.Tensor]:
         """Per-timestep coefficients as tensors that broadcast against ``like`` (B, ...).
 
-        Computed in float64 from ᾱ_t and rounded once to ``like``'s dtype, on its device, as
-        improved-diffusion's ``_extract_into_tensor``. ``t`` is one integer timestep (0-d results)
-        or a (B,) int64 tensor (results (B, 1, ..., 1)). ``names``: ``"sqrt_ab"`` √ᾱ,
-        ``"sqrt_1m_ab"`` √(1−ᾱ), ``"sqrt_recip_ab"`` √(1/ᾱ), ``"sqrt_recipm1_ab"`` √(1/ᾱ − 1).
+        Computed in float64 from ᾱ_t and rounded once to ``like``'s dtype, as improved-diffusion's
+        ``_extract_into_tensor``. The (T,) table of each coefficient moves to ``like``'s device once
+        per schedule, device and dtype; later calls only index it there (no host→device copy
+        inside a loop). ``t`` is one integer timestep (0-d results) or a (B,) int64 tensor
+        (results (B, 1, ..., 1)). ``names``: ``"sqrt_ab"`` √ᾱ, ``"sqrt_1m_ab"`` √(1−ᾱ),
+        ``"sqrt_recip_ab"`` √(1/ᾱ), ``"sqrt_recipm1_ab"`` √(1/ᾱ − 1).
         """
-        steps = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(int(t))
-        ab = self.alpha_bar(steps)
-        shape = (-1,) + (1,) * (like.ndim - 1) if ab.ndim else ()
-        out = []
-        for name in names:
-            v = _COEFFICIENTS[name](ab)
-            out.append(torch.from_numpy(np.asarray(v, dtype=np.float64)).to(like.device, like.dtype).reshape(shape))
-        return out
+        table = self._device_table(like.device, like.dtype)
+        if isinstance(t, torch.Tensor):
+            if t.device.type == "cpu":  # checked where it is free; on a GPU the gather asserts
+                self.alpha_bar(t.numpy())
+            idx = t.to(like.device, torch.long)
+            shape = (-1,) + (1,) * (like.ndim - 1)
+            return [table[name].index_select(0, idx).reshape(shape) for name in names]
+        self.alpha_bar(int(t))
+        return [table[name][int(t)] for name in names]
+
+    def _device_table(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        key = (str(device), dtype)
+        if key not in self._tables:
+            ab = self.alphas_cumprod
+            self._tables[key] = {name: torch.from_numpy(np.asarray(f(ab), dtype=np.float64)).to(device, dtype)
+                                 for name, f in _COEFFICIENTS.items()}
+        return self._tables[key]
 
     def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Forward noising: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (improved-diffusion's ``q_sample``).
@@ -187,6 +206,12 @@ class NoiseSchedule:
         (improved-diffusion's ``_predict_xstart_from_eps``); shapes as :meth:`q_sample`."""
         r, rm1 = self.coefficients(("sqrt_recip_ab", "sqrt_recipm1_ab"), t, x_t)
         return r * x_t - rm1 * eps
+
+    def predict_eps(self, x_t: torch.Tensor, t: int | torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The noise implied by a clean image at x_t: ε = (√(1/ᾱ_t)·x_t − x0) / √(1/ᾱ_t − 1)
+        (improved-diffusion's ``_predict_eps_from_xstart``); shapes as :meth:`q_sample`."""
+        r, rm1 = self.coefficients(("sqrt_recip_ab", "sqrt_recipm1_ab"), t, x_t)
+        return (r * x_t - x0) / rm1
 
     def respaced_timesteps(self, n_steps: int) -> list[int]:
         """The ``n_steps`` original timesteps a DDIM-``n_steps`` process visits (ascending)."""
@@ -209,11 +234,12 @@ _COEFFICIENTS = {
 }
 
 
-def alphas_cumprod_of(model: Any, alphas_cumprod: np.ndarray | None = None) -> np.ndarray:
-    """ᾱ (float64) given explicitly, or else from ``model.schedule`` (an :class:`EpsModel`)."""
-    if alphas_cumprod is not None:
-        return np.asarray(alphas_cumprod, dtype=np.float64)
+def schedule_of(model: Any, schedule: NoiseSchedule | None = None) -> NoiseSchedule:
+    """The schedule a pass uses: ``schedule`` when given, else the model's own ``model.schedule``
+    (an :class:`~diffpath.models.EpsModel` carries the schedule it was trained under)."""
+    if schedule is not None:
+        return schedule
     sched = getattr(model, "schedule", None)
-    if sched is None:
-        raise ValueError("pass alphas_cumprod for an ε-model without a .schedule")
-    return np.asarray(sched.alphas_cumprod, dtype=np.float64)
+    if not isinstance(sched, NoiseSchedule):
+        raise ValueError("pass schedule= for an ε-model without a .schedule")
+    return sched

@@ -164,6 +164,64 @@ def _foreground_box(img: np.ndarray) -> tuple[int, int, int, int]:
     return int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())
 
 
+def _checked_recipe(base: str, sources: Sequence[str] | None, patch_size: tuple[int, int], n_per_class: int,
+                    part: int, anomalous_fraction: float) -> tuple[tuple[str, ...], tuple[int, int], int]:
+    """The patch sources, the (min, max) patch side and the number of anomalous images per class
+    (step 2 of the recipe), after checking every argument."""
+    if base not in _BASE_CODE:
+        raise ValueError(f"unknown base {base!r}; choose one of {', '.join(SYNTHETIC_BASES)}")
+    srcs = tuple(DEFAULT_SOURCES[base] if sources is None else sources)
+    bad = [s for s in srcs if s not in _CROP_SOURCES + _OBJECT_SOURCES]
+    if not srcs or bad:
+        raise ValueError(f"unsupported sources {bad or srcs}; use {_CROP_SOURCES + _OBJECT_SOURCES}")
+    lo, hi = int(patch_size[0]), int(patch_size[1])
+    if not 1 <= lo <= hi:
+        raise ValueError(f"patch_size must satisfy 1 <= min <= max, got {patch_size}")
+    if n_per_class < 1:
+        raise ValueError("n_per_class must be >= 1")
+    if part < 0:
+        raise ValueError(f"part must be >= 0, got {part}")
+    n_anom = int(round(anomalous_fraction * n_per_class))
+    if n_per_class >= 2:
+        n_anom = min(max(n_anom, 1), n_per_class - 1)
+    return srcs, (lo, hi), n_anom
+
+
+def _class_images(labels: np.ndarray, c: int, seed: int, base: str, n_per_class: int, part: int,
+                  split: str) -> np.ndarray:
+    """Step 1 of the recipe: indices of the ``part``-th block of ``n_per_class`` images of class c."""
+    idx = np.flatnonzero(labels == c)
+    lo_i, hi_i = part * n_per_class, (part + 1) * n_per_class
+    if len(idx) < hi_i:
+        raise ValueError(f"class {c} of {base} has only {len(idx)} {split} images "
+                         f"(part {part} of {n_per_class} per class needs {hi_i})")
+    return idx[np.random.default_rng([seed, _BASE_CODE[base], c]).permutation(len(idx))[lo_i:hi_i]]
+
+
+def _paste(orig: np.ndarray, source: str, pool: np.ndarray, rng: np.random.Generator, side: tuple[int, int],
+           min_contrast: float) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """Step 3 of the recipe: ``orig`` (H, W) with one patch of ``source`` pasted on its foreground;
+    returns the image, the (H, W) bool mask and the box ``(y, x, h, w)``."""
+    H, W = orig.shape
+    fy0, fx0, fy1, fx1 = _foreground_box(orig)
+    for _ in range(50):
+        h = int(rng.integers(side[0], side[1] + 1))
+        w = int(rng.integers(side[0], side[1] + 1))
+        cy = int(rng.integers(fy0, fy1 + 1))
+        cx = int(rng.integers(fx0, fx1 + 1))
+        y = min(max(cy - h // 2, 0), H - h)
+        x = min(max(cx - w // 2, 0), W - w)
+        patch = _patch_content(source, pool[int(rng.integers(len(pool)))], h, w, rng)
+        region = orig[y : y + h, x : x + w].astype(np.float64)
+        if np.mean(np.abs(patch.astype(np.float64) - region)) >= min_contrast:
+            break
+    img = orig.copy()
+    mask = np.zeros((H, W), dtype=bool)
+    img[y : y + h, x : x + w] = patch
+    mask[y : y + h, x : x + w] = True
+    return img, mask, (y, x, h, w)
+
+
 def synthetic_anomalies(
     base: str = "fashion_mnist",
     n_per_class: int = 8,
@@ -194,82 +252,40 @@ def synthetic_anomalies(
     """
     from diffpath.data import load_split
 
-    if base not in _BASE_CODE:
-        raise ValueError(f"unknown base {base!r}; choose one of {', '.join(SYNTHETIC_BASES)}")
-    srcs = tuple(DEFAULT_SOURCES[base] if sources is None else sources)
-    bad = [s for s in srcs if s not in _CROP_SOURCES + _OBJECT_SOURCES]
-    if not srcs or bad:
-        raise ValueError(f"unsupported sources {bad or srcs}; use {_CROP_SOURCES + _OBJECT_SOURCES}")
-    lo, hi = int(patch_size[0]), int(patch_size[1])
-    if not 1 <= lo <= hi:
-        raise ValueError(f"patch_size must satisfy 1 <= min <= max, got {patch_size}")
-    if n_per_class < 1:
-        raise ValueError("n_per_class must be >= 1")
-    if part < 0:
-        raise ValueError(f"part must be >= 0, got {part}")
+    srcs, side, n_anom = _checked_recipe(base, sources, patch_size, n_per_class, part, anomalous_fraction)
     full = load_split(base, split)
     H, W = full.images.shape[1:3]
-    if hi > min(H, W):
-        raise ValueError(f"patch_size max {hi} exceeds the image size {H}×{W}")
+    if side[1] > min(H, W):
+        raise ValueError(f"patch_size max {side[1]} exceeds the image size {H}×{W}")
     src_images = {s: load_split(s, split).images for s in dict.fromkeys(srcs)}
     code = _BASE_CODE[base]
-    n_anom = int(round(anomalous_fraction * n_per_class))
-    if n_per_class >= 2:
-        n_anom = min(max(n_anom, 1), n_per_class - 1)
-
-    images, masks, labels, classes, origin, originals, boxes = [], [], [], [], [], [], []
-    class_ids = np.unique(full.labels)
-    for c in class_ids.tolist():
-        idx = np.flatnonzero(full.labels == c)
-        lo_i, hi_i = part * n_per_class, (part + 1) * n_per_class
-        if len(idx) < hi_i:
-            raise ValueError(f"class {c} of {base} has only {len(idx)} {split} images "
-                             f"(part {part} of {n_per_class} per class needs {hi_i})")
-        chosen = idx[np.random.default_rng([seed, code, c]).permutation(len(idx))[lo_i:hi_i]]
-        for j, i in enumerate(chosen.tolist()):
+    rows: dict[str, list] = {k: [] for k in ("images", "masks", "labels", "classes", "sources", "originals", "boxes")}
+    for c in np.unique(full.labels).tolist():
+        for j, i in enumerate(_class_images(full.labels, c, seed, base, n_per_class, part, split).tolist()):
             orig = np.asarray(full.images[i])
-            img = orig.copy()
-            mask = np.zeros((H, W), dtype=bool)
-            box = (-1, -1, -1, -1)
-            src_name = ""
-            if j < n_anom:
+            img, mask, box, src_name = orig.copy(), np.zeros((H, W), dtype=bool), (-1, -1, -1, -1), ""
+            if j < n_anom:  # step 2: the first n_anom of a class get a patch
                 src_name = srcs[(c + j) % len(srcs)]
                 rng = np.random.default_rng([seed, code, c, j, 1] + ([part] if part else []))
-                fy0, fx0, fy1, fx1 = _foreground_box(orig)
-                pool = src_images[src_name]
-                for _ in range(50):
-                    h = int(rng.integers(lo, hi + 1))
-                    w = int(rng.integers(lo, hi + 1))
-                    cy = int(rng.integers(fy0, fy1 + 1))
-                    cx = int(rng.integers(fx0, fx1 + 1))
-                    y = min(max(cy - h // 2, 0), H - h)
-                    x = min(max(cx - w // 2, 0), W - w)
-                    patch = _patch_content(src_name, pool[int(rng.integers(len(pool)))], h, w, rng)
-                    region = orig[y : y + h, x : x + w].astype(np.float64)
-                    if np.mean(np.abs(patch.astype(np.float64) - region)) >= min_contrast:
-                        break
-                img[y : y + h, x : x + w] = patch
-                mask[y : y + h, x : x + w] = True
-                box = (y, x, h, w)
-            images.append(img)
-            masks.append(mask)
-            labels.append(int(j < n_anom))
-            classes.append(c)
-            origin.append(src_name)
-            originals.append(orig)
-            boxes.append(box)
+                img, mask, box = _paste(orig, src_name, src_images[src_name], rng, side, min_contrast)
+            for k, v in zip(rows, (img, mask, int(j < n_anom), c, src_name, orig, box)):
+                rows[k].append(v)
+    return _assembled(base, rows)
 
+
+def _assembled(base: str, rows: dict[str, list]) -> AnomalySet:
+    """The benchmark from its per-image rows (in the order they were made)."""
     names = FASHION_MNIST_CLASSES if base == "fashion_mnist" else tuple(str(d) for d in range(10))
     return AnomalySet(
         name=base,
-        images=np.stack(images).astype(np.uint8),
-        masks=np.stack(masks),
-        labels=np.asarray(labels, dtype=np.int64),
-        classes=np.asarray(classes, dtype=np.int64),
+        images=np.stack(rows["images"]).astype(np.uint8),
+        masks=np.stack(rows["masks"]),
+        labels=np.asarray(rows["labels"], dtype=np.int64),
+        classes=np.asarray(rows["classes"], dtype=np.int64),
         class_names=tuple(names),
-        sources=np.asarray(origin, dtype=object).astype(str),
-        originals=np.stack(originals).astype(np.uint8),
-        boxes=np.asarray(boxes, dtype=np.int64),
+        sources=np.asarray(rows["sources"], dtype=object).astype(str),
+        originals=np.stack(rows["originals"]).astype(np.uint8),
+        boxes=np.asarray(rows["boxes"], dtype=np.int64),
     )
 
 

@@ -1,8 +1,9 @@
 """DiffPath (Heng et al., NeurIPS 2024): the DDIM inversion path of an image, and its features.
 
-The pass (:func:`diffpath_path`) DDIM-inverts x0 along the respaced timesteps and reduces ε at every
-step, and its rate of change Δε = diff(ε)·T, to per-image moments on the device
+The pass (:func:`diffpath_path`) DDIM-inverts x0 along K respaced timesteps and reduces ε at every
+step, and its rate of change Δε = diff(ε)·K, to per-image moments on the device
 (:mod:`diffpath.core.moments`); every feature below is then a function of those cached moments.
+Notation: :mod:`diffpath.core.sampling`; the method and its conformance: ``docs/methods.md``.
 
 Statistics are sums over *all* steps, pixels and channels of the ε path and of Δε; DiffPath saves
 twelve of them under these names:
@@ -18,6 +19,7 @@ feature is the path's curvature ``deps_dt_sq_sqrt`` = √Σ‖Δε‖².
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +27,13 @@ import numpy as np
 import torch
 
 from diffpath.core.moments import MOMENTS, as_moments, moment, moments
-from diffpath.core.sampling import DDIMCoefficients, StepCallback, ddim_invert
-from diffpath.models import EpsFn
+from diffpath.core.protocols import EpsFn
+from diffpath.core.sampling import StepCallback, ddim_invert
+from diffpath.core.schedule import NoiseSchedule
 
 __all__ = [
+    "DIFFPATH_KEYS",
+    "DIFFPATH_MAP_KEYS",
     "DIFFPATH_STAT_NAMES",
     "diffpath_statistics",
     "diffpath_6d",
@@ -53,6 +58,12 @@ DIFFPATH_STAT_NAMES: tuple[str, ...] = (
 )
 
 
+#: The error cache's keys of a DiffPath pass's moments (:meth:`DiffPathResult.as_cache`).
+DIFFPATH_KEYS: dict[str, str] = {"eps": "dp_eps", "deps": "dp_deps"}
+#: ... and of its per-pixel maps, kept for a few images only.
+DIFFPATH_MAP_KEYS: dict[str, str] = {"eps": "maps_dp_eps", "xt": "maps_dp_xt"}
+
+
 def _six(m: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
     total = m.sum(axis=1)  # over steps: (B, 5)
     s1, a1, s2, s3 = (moment(total, k) for k in ("sum", "abs", "sq", "cb"))
@@ -68,7 +79,7 @@ def _six(m: np.ndarray, prefix: str) -> dict[str, np.ndarray]:
 
 def diffpath_statistics(eps_moments: np.ndarray | torch.Tensor,
                         deps_moments: np.ndarray | torch.Tensor) -> dict[str, np.ndarray]:
-    """The twelve DiffPath statistics, each (B,) float64, from (B, T, 5) and (B, T−1, 5) moments."""
+    """The twelve DiffPath statistics, each (B,) float64, from (B, K, 5) and (B, K−1, 5) moments."""
     eps = _six(as_moments(eps_moments), "eps_sum")
     deps = _six(as_moments(deps_moments), "deps_dt")
     return {**eps, **deps}
@@ -87,14 +98,14 @@ def diffpath_1d(stats: dict[str, np.ndarray]) -> np.ndarray:
 
 @dataclass
 class DiffPathResult:
-    """What one DiffPath pass over a batch gives.
+    """What one DiffPath pass over a batch gives (K kept steps).
 
     Attributes:
-        eps_moments: (B, T, 5) float64, :func:`moments` of ε at each inversion step.
-        deps_moments: (B, T−1, 5) float64, moments of Δε_i = (ε_{i+1} − ε_i)·T.
+        eps_moments: (B, K, 5) float64, :func:`moments` of ε at each inversion step.
+        deps_moments: (B, K−1, 5) float64, moments of Δε_k = (ε_{k+1} − ε_k)·K.
         xT: (B, C, H, W) the inverted latent.
-        eps: (B, T, C, H, W) the ε path, only with ``keep_maps``.
-        xt: (B, T, C, H, W) x after each step, only with ``keep_maps``.
+        eps: (B, K, C, H, W) the ε path, only with ``keep_maps``.
+        xt: (B, K, C, H, W) x after each step, only with ``keep_maps``.
     """
 
     eps_moments: torch.Tensor
@@ -103,23 +114,41 @@ class DiffPathResult:
     eps: torch.Tensor | None = None
     xt: torch.Tensor | None = None
 
+    def as_cache(self) -> dict[str, torch.Tensor]:
+        """The error cache's arrays of this pass (:data:`DIFFPATH_KEYS`, and
+        :data:`DIFFPATH_MAP_KEYS` when the maps were kept), as the tensors computed."""
+        out = {DIFFPATH_KEYS["eps"]: self.eps_moments, DIFFPATH_KEYS["deps"]: self.deps_moments}
+        if self.eps is not None and self.xt is not None:
+            out.update({DIFFPATH_MAP_KEYS["eps"]: self.eps, DIFFPATH_MAP_KEYS["xt"]: self.xt})
+        return out
+
 
 @torch.no_grad()
 def diffpath_path(
     model: EpsFn,
     x0: torch.Tensor,
-    coeffs: DDIMCoefficients,
+    timesteps: Sequence[int],
     *,
+    schedule: NoiseSchedule | None = None,
     clip_denoised: bool = True,
     keep_maps: bool = False,
     callback: StepCallback | None = None,
 ) -> DiffPathResult:
     """DiffPath: DDIM-invert x0 and reduce the ε path to per-step moments on the device.
 
-    The rate of change is Δε_i = (ε_{i+1} − ε_i)·T with T the number of steps (DiffPath's
-    ``diff(ε)·T``).
+    Args:
+        model: ε-model ``(x, t) -> ε̂``.
+        x0: (B, C, H, W) images in [-1, 1].
+        timesteps: the K ascending kept timesteps (the study's: ``schedule.respaced_timesteps(K)``);
+            the last step goes to pure noise, as DiffPath's ``ddim_reverse_sample_loop``.
+        schedule: ᾱ (default ``model.schedule``).
+        clip_denoised: clip x̂0 on the path (DiffPath does).
+        keep_maps: also return the ε path and the states, (B, K, C, H, W) on the CPU.
+        callback: sees each step's dict (:mod:`diffpath.core.sampling`).
+
+    The rate of change is Δε_k = (ε_{k+1} − ε_k)·K (DiffPath's ``diff(ε)·T`` with its T = K).
     """
-    T = len(coeffs.timesteps)
+    K = len(timesteps)
     eps_m: list[torch.Tensor] = []
     deps_m: list[torch.Tensor] = []
     eps_maps: list[torch.Tensor] = []
@@ -130,7 +159,7 @@ def diffpath_path(
         eps = step["eps"]
         eps_m.append(moments(eps))
         if prev[0] is not None:
-            deps_m.append(moments((eps - prev[0]) * T))
+            deps_m.append(moments((eps - prev[0]) * K))
         prev[0] = eps
         if keep_maps:
             eps_maps.append(eps.cpu())
@@ -138,7 +167,7 @@ def diffpath_path(
         if callback is not None:
             callback(step)
 
-    xT = ddim_invert(model, x0, coeffs, clip_denoised=clip_denoised, callback=record)
+    xT = ddim_invert(model, x0, timesteps, schedule=schedule, clip_denoised=clip_denoised, callback=record)
     B = x0.shape[0]
     empty = torch.zeros(B, 0, len(MOMENTS), dtype=torch.float64, device=x0.device)
     return DiffPathResult(

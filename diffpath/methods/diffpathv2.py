@@ -1,53 +1,20 @@
 """DiffPathV2: forward-noised score errors, SSIM weighting, and their 6-D summary.
 
-Abdi et al. (ICCV 2025 workshop) publish no code; this module fixes the choices the paper leaves
-open, and each is a switch so the study can ablate it.
+Per image x0 and kept timestep t_k (k = 0 … K−1, ascending): known noise ε forward-noises x0
+(:meth:`~diffpath.core.schedule.NoiseSchedule.q_sample`), the network predicts ε̂, the score error
+is e_k = ε̂ − ε, the reconstruction x̂0 = ``predict_x0(x_t, t, ε̂)``, and the weighted error
+w_k = (1 − SSIM(x0, x̂0)) ⊙ e_k; Δe and Δw are their temporal differences scaled by K, as
+DiffPath's Δε. :func:`score_error_path` reduces e, Δe, w, Δw to per-image moments on the device
+(:mod:`diffpath.core.moments`); :func:`diffpathv2_features` sums the 1st/2nd/3rd-order norms.
 
-The method, per image x0 and chosen timestep t_i (i = 0 .. T−1, ascending)
---------------------------------------------------------------------------
-1. **Score error.** Draw *known* noise ε_i, forward-noise x_i = √ᾱ·x0 + √(1−ᾱ)·ε_i, predict
-   ε̂_i = model(x_i, t_i) and keep the per-pixel error e_i = ε̂_i − ε_i.
-2. **Reconstruction and SSIM weight.** x̂0_i = (x_i − √(1−ᾱ)·ε̂_i)/√ᾱ, S_i = SSIM map between x0
-   and x̂0_i (:func:`diffpath.core.ssim.ssim_map`: Gaussian window σ = 1.5, 11×11, L = 2, K1 = 0.01,
-   K2 = 0.03, per channel), weighted error w_i = (1 − S_i) ⊙ e_i.
-3. **Temporal derivatives.** Δe_i = (e_{i+1} − e_i)·T and Δw_i = (w_{i+1} − w_i)·T, scaled by the
-   number of chosen steps exactly as DiffPath scales Δε.
-4. **Summary.** Per step, :func:`diffpath.core.sampling.moments` reduces each of e, Δe, w, Δw to five
-   per-image sums on the device; the 6-D feature is the sums over steps of the 1st-, 2nd- and
-   3rd-order norms of the error and of its derivative (:func:`diffpathv2_features`).
-
-Choices made here, and why (all but the timesteps are switches)
---------------------------------------------------------------
-* **Timesteps** (chosen by the caller): the default of the study is DiffPath's respaced timesteps,
-  ``NoiseSchedule.respaced_timesteps(N)``, the same N evenly spaced original timesteps the DDIM
-  path visits. The paper evaluates the error "at every timestep"; N evenly spaced steps are a
-  Riemann sum of that integral (up to the constant factor 1000/N, which no density scorer sees)
-  at N/1000 of the cost, span the whole noise range, and make DiffPath and DiffPathV2 features
-  share steps so their per-step caches line up and compare directly.
-* **Norms, not power sums** (``kind="norm"``): the paper's "1st, 2nd, 3rd order norms",
-  ‖e‖₁, ‖e‖₂ = √Σe², ‖e‖₃ = ∛Σ|e|³ per step, summed over steps. The norms grow like n, √n, ∛n
-  with the pixel count n, so the three dimensions weigh large, typical and extreme errors at
-  comparable scales. ``kind="power"`` (Σ|e|, Σe², Σ|e|³, DiffPath-style) is the ablation.
-* **Weighted** (``werr_moments``) is the paper's method; the unweighted error (``err_moments``)
-  is always computed too, for the "no SSIM" ablation.
-* **Derivative**: included (6-D); ``derivative=False`` gives the 3-D "magnitude only" ablation.
-  :func:`diffpathv2_1d` is the analogue of DiffPath's 1-D curvature.
-* **No clipping** of x̂0 by default: the reconstruction is the model's own estimate, and clipping
-  to [-1, 1] (a sampling device) would hide exactly the discrepancies the SSIM is meant to see.
-  ``clip_x0_hat=True`` clips before the SSIM.
-* **Noise keyed by content** (``noise_key="content"``): ε_i is a deterministic function of
-  (seed, image content, t_i, pixel), so an image gets the same noise whatever batch, order,
-  split or dataset it appears in, on CPU or GPU; duplicated images get identical features, and a
-  cache can be rebuilt bit for bit. ``noise_key="index"``: the caller passes global image indices
-  as keys instead (identical images at different indices then get independent noise).
-  The same noise is *not* shared across timesteps (t enters the key), as in DDPM training.
-
-Deterministic noise: :mod:`diffpath.core.noise`.
+Shapes: images (B, C, H, W); moments (B, K, 5) and (B, K−1, 5), float64. Notation and the step
+dict: :mod:`diffpath.core.sampling`. The choices the paper leaves open (timesteps, norms,
+weighting, clipping, noise keying) and why: ``docs/methods.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,19 +23,32 @@ import torch
 
 from diffpath.core.moments import MOMENTS, as_moments, moment, moments, order_norm_sums
 from diffpath.core.noise import gaussian_noise, image_keys
+from diffpath.core.protocols import EpsFn
+from diffpath.core.sampling import StepCallback
+from diffpath.core.schedule import NoiseSchedule, schedule_of
 from diffpath.core.ssim import ssim_map
-from diffpath.models import EpsFn
 
 __all__ = [
+    "MAP_NAMES",
+    "SCORE_ERROR_KEYS",
+    "SCORE_ERROR_MAP_KEYS",
     "ScoreErrorConfig",
     "ScoreErrorResult",
-    "MAP_NAMES",
+    "score_error_step",
     "score_error_path",
     "diffpathv2_features",
     "diffpathv2_1d",
 ]
 
-MAP_NAMES: tuple[str, ...] = ("xt", "eps_hat", "err", "x0_hat", "ssim", "werr")
+#: The per-pixel maps a pass can keep, by their cache names, and the step-dict key of each.
+_MAP_SOURCES: dict[str, str] = {"xt": "x_t", "eps_hat": "eps_hat", "err": "err", "x0_hat": "x0_hat",
+                                "ssim": "ssim", "werr": "werr"}
+MAP_NAMES: tuple[str, ...] = tuple(_MAP_SOURCES)
+#: The error cache's keys of a DiffPathV2 pass (:meth:`ScoreErrorResult.as_cache`).
+SCORE_ERROR_KEYS: dict[str, str] = {"err": "v2_err", "derr": "v2_derr", "werr": "v2_werr",
+                                    "dwerr": "v2_dwerr", "ssim": "v2_ssim"}
+#: ... and of its per-pixel maps, kept for a few images only.
+SCORE_ERROR_MAP_KEYS: dict[str, str] = {name: f"maps_v2_{name}" for name in MAP_NAMES}
 
 # --------------------------------------------------------------------------------------------
 # the score-error pass
@@ -76,7 +56,7 @@ MAP_NAMES: tuple[str, ...] = ("xt", "eps_hat", "err", "x0_hat", "ssim", "werr")
 
 @dataclass(frozen=True)
 class ScoreErrorConfig:
-    """Knobs of a DiffPathV2 pass (see the module docstring for why these defaults).
+    """Knobs of a DiffPathV2 pass (``docs/methods.md`` says why these defaults).
 
     Attributes:
         seed: seed of the deterministic noise.
@@ -102,17 +82,16 @@ class ScoreErrorConfig:
 
 @dataclass
 class ScoreErrorResult:
-    """What one DiffPathV2 pass over a batch gives (moments on the model's device).
+    """What one DiffPathV2 pass over a batch gives (moments on the model's device; K steps).
 
     Attributes:
-        err_moments: (B, T, 5) float64, :func:`~diffpath.core.sampling.moments` of e_i = ε̂_i − ε_i.
-        derr_moments: (B, T−1, 5) float64, moments of Δe_i = (e_{i+1} − e_i)·T.
-        werr_moments: (B, T, 5) float64, moments of w_i = (1 − SSIM_i)·e_i.
-        dwerr_moments: (B, T−1, 5) float64, moments of Δw_i = (w_{i+1} − w_i)·T.
-        ssim_mean: (B, T) float64, mean of the SSIM map over all pixels and channels.
-        maps: only with ``keep_maps``: ``{"xt", "eps_hat", "err", "x0_hat", "ssim", "werr"}``,
-            each (B, T, C, H, W) on the CPU (float32, or float64 for a float64 pass);
-            otherwise ``None``.
+        err_moments: (B, K, 5) float64, :func:`~diffpath.core.moments.moments` of e_k = ε̂_k − ε_k.
+        derr_moments: (B, K−1, 5) float64, moments of Δe_k = (e_{k+1} − e_k)·K.
+        werr_moments: (B, K, 5) float64, moments of w_k = (1 − SSIM_k)·e_k.
+        dwerr_moments: (B, K−1, 5) float64, moments of Δw_k = (w_{k+1} − w_k)·K.
+        ssim_mean: (B, K) float64, mean of the SSIM map over all pixels and channels.
+        maps: only with ``keep_maps``: :data:`MAP_NAMES` → (B, K, C, H, W) on the CPU (float32,
+            or float64 for a float64 pass); otherwise ``None``.
     """
 
     err_moments: torch.Tensor
@@ -122,130 +101,144 @@ class ScoreErrorResult:
     ssim_mean: torch.Tensor
     maps: dict[str, torch.Tensor] | None = None
 
+    def as_cache(self) -> dict[str, torch.Tensor]:
+        """The error cache's arrays of this pass (:data:`SCORE_ERROR_KEYS`, and
+        :data:`SCORE_ERROR_MAP_KEYS` when the maps were kept), as the tensors computed."""
+        k = SCORE_ERROR_KEYS
+        out = {k["err"]: self.err_moments, k["derr"]: self.derr_moments, k["werr"]: self.werr_moments,
+               k["dwerr"]: self.dwerr_moments, k["ssim"]: self.ssim_mean}
+        for name, v in (self.maps or {}).items():
+            out[SCORE_ERROR_MAP_KEYS[name]] = v
+        return out
+
+
+def _checked_timesteps(timesteps: Sequence[int], T: int) -> list[int]:
+    ts = [int(t) for t in timesteps]
+    if not ts:
+        raise ValueError("timesteps must not be empty")
+    if ts != sorted(ts) or len(set(ts)) != len(ts):
+        raise ValueError(f"timesteps must be strictly increasing, got {ts}")
+    if ts[0] < 0 or ts[-1] >= T:
+        raise ValueError(f"timesteps must lie in [0, {T - 1}], got {ts}")
+    return ts
+
+
+def _noise_keys(x0: torch.Tensor, keys: torch.Tensor | None, config: ScoreErrorConfig) -> torch.Tensor:
+    """(B,) int64 noise keys on x0's device: given, or the images' content keys."""
+    if keys is None:
+        if config.noise_key == "index":
+            raise ValueError("noise_key='index' needs the global image indices passed as keys")
+        keys = image_keys(x0)
+    keys = torch.as_tensor(keys).to(x0.device)  # integer dtype checked by gaussian_noise
+    if keys.shape != (x0.shape[0],):
+        raise ValueError(f"keys must have shape ({x0.shape[0]},), got {tuple(keys.shape)}")
+    return keys
+
+
+def score_error_step(model: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, t: int,
+                     keys: torch.Tensor, config: ScoreErrorConfig) -> dict[str, Any]:
+    """One timestep of the pass: the step dict ``{"t", "x_t", "eps_true", "eps_hat", "err",
+    "x0_hat", "ssim", "werr"}``, tensors (B, C, H, W) in x0's dtype, on its device.
+
+    ε_true = :func:`~diffpath.core.noise.gaussian_noise` of (keys, t, seed); x_t =
+    ``schedule.q_sample(x0, t, ε_true)``; ε̂ = model(x_t, t); e = ε̂ − ε_true; x̂0 =
+    ``schedule.predict_x0(x_t, t, ε̂)`` (clipped with ``config.clip_x0_hat``); SSIM(x0, x̂0);
+    w = (1 − SSIM)·e.
+    """
+    B, C, H, W = x0.shape
+    eps_true = gaussian_noise(keys, t, (C, H, W), config.seed).to(x0.dtype)
+    x_t = schedule.q_sample(x0, t, eps_true)
+    eps_hat = model(x_t, torch.full((B,), t, dtype=torch.long, device=x0.device)).to(x0.dtype)
+    err = eps_hat - eps_true
+    x0_hat = schedule.predict_x0(x_t, t, eps_hat)
+    if config.clip_x0_hat:
+        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    s = ssim_map(x0, x0_hat, window_size=config.ssim_window, sigma=config.ssim_sigma,
+                 data_range=config.ssim_data_range, k1=config.ssim_k1, k2=config.ssim_k2)
+    return {"t": t, "x_t": x_t, "eps_true": eps_true, "eps_hat": eps_hat, "err": err,
+            "x0_hat": x0_hat, "ssim": s, "werr": (1.0 - s) * err}
+
+
+class _Moments:
+    """Running per-step moments of e and w and of their K-scaled differences; only the previous
+    step's e and w are held (and every map with ``keep_maps``)."""
+
+    def __init__(self, K: int, keep_maps: bool):
+        self.K, self.keep_maps = K, keep_maps
+        self.lists: dict[str, list[torch.Tensor]] = {k: [] for k in ("err", "derr", "werr", "dwerr", "ssim")}
+        self.maps: dict[str, list[torch.Tensor]] = {name: [] for name in MAP_NAMES}
+        self.prev: dict[str, torch.Tensor] | None = None
+
+    def add(self, step: dict[str, Any]) -> None:
+        err, werr, B = step["err"], step["werr"], step["err"].shape[0]
+        self.lists["err"].append(moments(err))
+        self.lists["werr"].append(moments(werr))
+        self.lists["ssim"].append(step["ssim"].reshape(B, -1).double().mean(1))
+        if self.prev is not None:
+            self.lists["derr"].append(moments((err - self.prev["err"]) * self.K))
+            self.lists["dwerr"].append(moments((werr - self.prev["werr"]) * self.K))
+        self.prev = {"err": err, "werr": werr}
+        if self.keep_maps:
+            for name, key in _MAP_SOURCES.items():
+                self.maps[name].append(step[key].detach().cpu())
+
+    def result(self, B: int, device: torch.device) -> ScoreErrorResult:
+        def stack(ms: list[torch.Tensor]) -> torch.Tensor:
+            if ms:
+                return torch.stack(ms, 1)
+            return torch.zeros(B, 0, len(MOMENTS), dtype=torch.float64, device=device)
+
+        m = self.lists
+        return ScoreErrorResult(
+            err_moments=stack(m["err"]), derr_moments=stack(m["derr"]), werr_moments=stack(m["werr"]),
+            dwerr_moments=stack(m["dwerr"]), ssim_mean=torch.stack(m["ssim"], 1),
+            maps={k: torch.stack(v, 1) for k, v in self.maps.items()} if self.keep_maps else None,
+        )
+
 
 @torch.no_grad()
 def score_error_path(
     model: EpsFn,
     x0: torch.Tensor,
     timesteps: Sequence[int],
-    alphas_cumprod: np.ndarray,
     *,
+    schedule: NoiseSchedule | None = None,
     keys: torch.Tensor | None = None,
     config: ScoreErrorConfig = ScoreErrorConfig(),
     keep_maps: bool = False,
-    callback: Callable[[dict[str, Any]], None] | None = None,
+    callback: StepCallback | None = None,
 ) -> ScoreErrorResult:
     """DiffPathV2's per-step score errors of a batch, reduced to moments on the device.
 
     Args:
-        model: ε-model ``(x, t) -> ε``, ``t`` (B,) int64 original timesteps.
+        model: ε-model ``(x, t) -> ε̂``, ``t`` (B,) int64 original timesteps.
         x0: (B, C, H, W) images in [-1, 1]. The pass runs in float32, or in float64 when x0 is
             float64 (for analytic models and reference computations; the model then receives
             float64 inputs, which a float32 network will refuse).
-        timesteps: strictly increasing original timesteps (the study's default: the schedule's
-            ``respaced_timesteps(N)``); T = len(timesteps) also scales the derivatives.
-        alphas_cumprod: ᾱ of the model's training schedule, float64 (num_timesteps,).
+        timesteps: K strictly increasing original timesteps (the study's default: the
+            schedule's ``respaced_timesteps(K)``); K also scales the derivatives.
+        schedule: ᾱ (default ``model.schedule``).
         keys: (B,) int64 noise keys; ``None`` → :func:`image_keys` of x0 (content keys). With
             ``config.noise_key == "index"`` the caller must pass the global image indices.
         config: seed, noise keying, clipping and SSIM settings.
-        keep_maps: also return every per-pixel map (B, T, C, H, W) on the CPU (small subsets only).
-        callback: called after each step with ``{"i", "t", "xt", "eps", "eps_hat", "err",
-            "x0_hat", "ssim", "werr"}`` (tensors on the device, (B, C, H, W)).
+        keep_maps: also return every per-pixel map (B, K, C, H, W) on the CPU (small subsets only).
+        callback: sees each step's dict (:func:`score_error_step`, plus ``"i"``).
 
-    Only the previous step's e and w are held for the derivatives; nothing of size B×T×C×H×W
-    exists unless ``keep_maps``.
+    Nothing of size B×K×C×H×W exists unless ``keep_maps``.
     """
     if x0.ndim != 4:
         raise ValueError(f"expected (B, C, H, W) images, got shape {tuple(x0.shape)}")
-    ts = [int(t) for t in timesteps]
-    if not ts:
-        raise ValueError("timesteps must not be empty")
-    if ts != sorted(ts) or len(set(ts)) != len(ts):
-        raise ValueError(f"timesteps must be strictly increasing, got {ts}")
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    if ts[0] < 0 or ts[-1] >= len(abar):
-        raise ValueError(f"timesteps must lie in [0, {len(abar) - 1}], got {ts}")
-
-    dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    x0 = x0.to(dtype)
-    dev = x0.device
-    B, C, H, W = x0.shape
-    if keys is None:
-        if config.noise_key == "index":
-            raise ValueError("noise_key='index' needs the global image indices passed as keys")
-        keys = image_keys(x0)
-    keys = torch.as_tensor(keys).to(dev)  # integer dtype checked by gaussian_noise
-    if keys.shape != (B,):
-        raise ValueError(f"keys must have shape ({B},), got {tuple(keys.shape)}")
-
-    T = len(ts)
-    err_m, derr_m, werr_m, dwerr_m, ssim_m = [], [], [], [], []
-    kept: dict[str, list[torch.Tensor]] = {name: [] for name in MAP_NAMES}
-    prev_err: torch.Tensor | None = None
-    prev_werr: torch.Tensor | None = None
-    # coefficients live in float64 and are rounded once to the working precision before they
-    # meet the images (as in diffpath.core.sampling), all steps in one host→device copy
-    a = abar[list(ts)]
-    table = torch.from_numpy(np.stack([np.sqrt(a), np.sqrt(1.0 - a)], 1)).to(dev, dtype)
+    sched = schedule_of(model, schedule)
+    ts = _checked_timesteps(timesteps, sched.num_timesteps)
+    x0 = x0.to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
+    keys = _noise_keys(x0, keys, config)
+    acc = _Moments(len(ts), keep_maps)
     for i, t in enumerate(ts):
-        sa, sn = table[i].unbind()
-        eps = gaussian_noise(keys, t, (C, H, W), config.seed).to(dtype)
-        xt = sa * x0 + sn * eps
-        eps_hat = model(xt, torch.full((B,), t, dtype=torch.long, device=dev)).to(dtype)
-        err = eps_hat - eps
-        x0_hat = (xt - sn * eps_hat) / sa
-        if config.clip_x0_hat:
-            x0_hat = x0_hat.clamp(-1.0, 1.0)
-        s = ssim_map(
-            x0,
-            x0_hat,
-            window_size=config.ssim_window,
-            sigma=config.ssim_sigma,
-            data_range=config.ssim_data_range,
-            k1=config.ssim_k1,
-            k2=config.ssim_k2,
-        )
-        werr = (1.0 - s) * err
-
-        err_m.append(moments(err))
-        werr_m.append(moments(werr))
-        ssim_m.append(s.reshape(B, -1).double().mean(1))
-        if prev_err is not None and prev_werr is not None:
-            derr_m.append(moments((err - prev_err) * T))
-            dwerr_m.append(moments((werr - prev_werr) * T))
-        prev_err, prev_werr = err, werr
-
-        if keep_maps:
-            for name, v in zip(MAP_NAMES, (xt, eps_hat, err, x0_hat, s, werr)):
-                kept[name].append(v.detach().cpu())
+        step = {"i": i, **score_error_step(model, sched, x0, t, keys, config)}
+        acc.add(step)
         if callback is not None:
-            callback(
-                {
-                    "i": i,
-                    "t": t,
-                    "xt": xt,
-                    "eps": eps,
-                    "eps_hat": eps_hat,
-                    "err": err,
-                    "x0_hat": x0_hat,
-                    "ssim": s,
-                    "werr": werr,
-                }
-            )
-
-    def stack(ms: list[torch.Tensor]) -> torch.Tensor:
-        if ms:
-            return torch.stack(ms, 1)
-        return torch.zeros(B, 0, len(MOMENTS), dtype=torch.float64, device=dev)
-
-    return ScoreErrorResult(
-        err_moments=stack(err_m),
-        derr_moments=stack(derr_m),
-        werr_moments=stack(werr_m),
-        dwerr_moments=stack(dwerr_m),
-        ssim_mean=torch.stack(ssim_m, 1),
-        maps={k: torch.stack(v, 1) for k, v in kept.items()} if keep_maps else None,
-    )
+            callback(step)
+    return acc.result(x0.shape[0], x0.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,10 +254,10 @@ def diffpathv2_features(
     ``err_moments, derr_moments`` for the unweighted ablation.
 
     Args:
-        err_moments: (B, T, 5) moments of the error at each step.
-        derr_moments: (B, T−1, 5) moments of its derivative (ignored without ``derivative``).
-        kind: ``"norm"``: Σ_t ‖q_t‖₁, Σ_t ‖q_t‖₂, Σ_t ‖q_t‖₃; ``"power"``: Σ_t Σ|q_t|,
-            Σ_t Σq_t², Σ_t Σ|q_t|³ (see :func:`diffpath.methods.diffpath.order_norm_sums`).
+        err_moments: (B, K, 5) moments of the error at each step.
+        derr_moments: (B, K−1, 5) moments of its derivative (ignored without ``derivative``).
+        kind: ``"norm"``: Σ_k ‖q_k‖₁, Σ_k ‖q_k‖₂, Σ_k ‖q_k‖₃; ``"power"``: Σ_k Σ|q_k|,
+            Σ_k Σq_k², Σ_k Σ|q_k|³ (see :func:`diffpath.core.moments.order_norm_sums`).
         derivative: append the same three sums of the derivative.
 
     Returns:
@@ -277,6 +270,6 @@ def diffpathv2_features(
 
 
 def diffpathv2_1d(dmoments: np.ndarray | torch.Tensor) -> np.ndarray:
-    """(B,) √(Σ_t Σ_pixels (Δq_t)²) from (B, T−1, 5) derivative moments: the analogue of
+    """(B,) √(Σ_k Σ_pixels (Δq_k)²) from (B, K−1, 5) derivative moments: the analogue of
     DiffPath's curvature (pass ``dwerr_moments`` for the weighted error)."""
     return np.sqrt(moment(as_moments(dmoments), "sq").sum(axis=1))

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffpath.core.schedule import NoiseSchedule, schedule_of
 from diffpath.methods.localization import reconstruct
-from diffpath.core.schedule import NoiseSchedule
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -176,6 +176,7 @@ def latent_reconstruct(
     t0: int,
     steps: int,
     *,
+    schedule: NoiseSchedule | None = None,
     prompt_embeds: torch.Tensor | None = None,
     prompts: Sequence[str] | None = None,
     negative_embeds: torch.Tensor | None = None,
@@ -187,6 +188,7 @@ def latent_reconstruct(
         ld: the model parts.
         x0: (B, 3, H, W) images in [-1, 1].
         t0, steps: see :func:`diffpath.methods.localization.reconstruct`.
+        schedule: ᾱ (default ``ld.schedule``, the UNet's training schedule).
         prompt_embeds: (1 or B, L, D) embeddings; or ``prompts`` (strings, e.g.
             ``PROMPT_TEMPLATE.format("candle")``) embedded with :meth:`LatentDiffusion.embed`.
         negative_embeds: embeddings of the negative prompt (default: of ``""`` when guiding).
@@ -198,9 +200,10 @@ def latent_reconstruct(
         prompt_embeds = ld.embed(list(prompts))
     if guidance_scale != 1.0 and negative_embeds is None:
         negative_embeds = ld.embed([""])
-    eps = ConditionalEps(ld.unet, prompt_embeds, ld.schedule, uncond=negative_embeds, guidance_scale=guidance_scale)
+    sched = schedule_of(ld, schedule)
+    eps = ConditionalEps(ld.unet, prompt_embeds, sched, uncond=negative_embeds, guidance_scale=guidance_scale)
     z0 = ld.encode(x0.float())
-    rec = reconstruct(eps, z0, t0, steps, clip_denoised=False)
+    rec = reconstruct(eps, z0, t0, steps, schedule=sched, clip_denoised=False)
     return LatentReconstruction(
         x_hat=ld.decode(rec.x_hat),
         z0=z0,

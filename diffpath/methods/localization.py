@@ -1,83 +1,20 @@
-"""Zero-shot anomaly localisation by partial DDIM inversion and reconstruction (DIVAD-style).
+"""Zero-shot anomaly localisation by partial DDIM round trips (DIVAD-style).
 
-An image x0 is DDIM-inverted (η = 0) to an intermediate timestep ``t0`` and then DDIM-denoised back
-to 0 with the *same* model. A model trained on normal data pulls the path towards normal images, so
-the reconstruction x̂0 keeps what looks normal and repairs what does not; the discrepancy between
-x0 and x̂0 is the anomaly map.
+An image x0 goes to an intermediate timestep t0 and back with the same model; the discrepancy
+between x0 and the reconstruction x̂0 is the anomaly map (:mod:`diffpath.methods.maps`). One row of
+the localisation table is a :class:`MapSpec`; :func:`localize` gives its maps and image scores::
 
-Pipeline (all pure functions; the notebook ``notebooks/30_localization.ipynb`` strings them)::
+    spec = MapSpec("deterministic", t0=(0.4,), steps=5, maps=("pixel",))
+    res = localize(model, x0, spec, seed=0, smooth_sigma=3.0)     # res.maps["pixel"]: (N, H, W)
 
-    spec = MapSpec("deterministic", t0=(0.4,), steps=10, maps=("pixel",))
-    res = localize(model, x0, spec, seed=0)                    # res.maps["pixel"]: (N, H, W)
-
-A :class:`MapSpec` is one row of the localisation table; its ``kind`` picks the round trip:
-
-``"deterministic"`` (DIVAD-style, :func:`reconstruct`)
-    DDIM inversion (η = 0) to t0 and DDIM denoising back on the same grid: 2·steps evaluations.
-``"stochastic"``, ``start="noise"`` (AnoDDPM-style, :func:`stochastic_reconstruct`)
-    x_{t0} = √ᾱ·x0 + √(1−ᾱ)·z with fresh noise z, then ``steps`` DDIM steps with η (default 1,
-    ancestral) back to 0; ``draws`` independent draws: draws·steps evaluations.
-``"stochastic"``, ``start="invert"``
-    the deterministic inversion to t0 once (``steps`` evaluations), then ``draws`` η-denoisings
-    from that latent: steps·(1 + draws) evaluations.
-``"model_free"``
-    no model: :func:`diffpath.methods.maps.model_free_map` (``gradient`` or ``median``).
-
-Several draws are reduced either as the mean of the per-draw maps (``reduce="maps"``) or as the
-map of the mean reconstruction (``reduce="reconstruction"``); several ``t0`` average their maps.
-**t0 is a fraction of T** (the model's number of training timesteps): 0.2 is timestep 200 of a
-1,000-step model and 800 of a 4,000-step one (:func:`timestep_of`). All noise comes from one seeded
-``torch.Generator`` per batch and goes through :func:`diffpath.core.sampling.ddim_walk`.
-
-Reconstruction schedule
------------------------
-``steps`` timesteps are kept, evenly spaced on [0, t0): s_j = round(j·t0/steps), j = 0..steps−1.
-
-* inversion visits x0 (taken as the state at s_0 = 0, where the model is first evaluated)
-  → ᾱ_{s_1} → … → ᾱ_{s_{steps−1}} → ᾱ_{t0}: ``steps`` model evaluations at s_0 … s_{steps−1};
-* denoising walks the same grid back: ᾱ_{t0} → ᾱ_{s_{steps−1}} → … → ᾱ_{s_1} → clean (ᾱ = 1, the
-  final x̂0): ``steps`` model evaluations at t0, s_{steps−1}, …, s_1.
-
-Both directions use the same timesteps, so an exact ε-model (one that returns the ε consistent
-with a fixed clean image) reconstructs that image exactly. The public DIVAD reference code instead
-inverts along a 50-step schedule and starts the denoising from that latent on a 100-step schedule,
-i.e. at a timestep whose noise level does not match the latent it is given; we keep the two
-consistent on purpose (``reconstruct(..., denoise_t0=t1)`` with t1 > t0 restores such a mismatch
-for ablations). ``t0`` is given in the model's own training timesteps (0 … T−1).
-
-A consequence worth keeping in mind: deterministic DDIM inversion followed by denoising on the same
-grid is the identity in the limit of many steps, for normal and anomalous content alike. What
-repairs anomalies is the coarse discretisation (few, large steps, along which ε is evaluated at
-states the model finds unlikely) and the x̂0 clipping; ``t0`` and ``steps`` therefore act together
-and are best tuned jointly.
-
-Anomaly maps (:mod:`diffpath.methods.maps`; each ``(B, 1, H, W)``, higher = more anomalous)
--------------------------------------------------------------------------------
-``"pixel"``
-    |x0 − x̂0| averaged over channels (``pixel_power=2``: the squared difference).
-``"ssim"``
-    1 − SSIM(x0, x̂0) averaged over channels (:func:`diffpath.core.ssim.ssim_map`, 11-tap Gaussian
-    window of σ = 1.5, data range 2); in [0, 2].
-``"feature"``
-    1 − cosine similarity over channels between the diffusion UNet's *own* intermediate
-    activations of x0 and of x̂0, both evaluated at a small timestep ``feature_t`` (default 50 of
-    1000, no added noise: the network is only used as a feature extractor, see
-    :class:`UNetFeatures`), upsampled bilinearly to the image size and averaged over the chosen
-    layers. Default layers: decoder (up-block) outputs at two resolutions, the highest ones below
-    the input size first (16 and 8 px for a 4-level 32 px model; 16 and 32 px for a 3-level one).
-    Costs 2 extra UNet evaluations per image.
-
-Every map is then Gaussian-smoothed with σ = ``smooth_sigma`` pixels (default ``4·H/256``: DIVAD's
-σ = 4 px at 256 px scaled to the image, 0.5 px at 32 px; 0 turns smoothing off).
-
-``"combined"`` (:func:`combine_maps`) is Σ_k w_k · map_k / scale_k. No per-image min-max
-normalisation (it would erase the difference between a clean and an anomalous image); each map is
-instead divided by one *set-level* scale, by default its mean over every pixel of every image
-passed (label-free, but transductive: pass ``scales`` computed on other images to avoid that).
-Dividing by a positive constant keeps each map's ranking, so only the mix changes.
-
-Image score (:func:`image_scores`): the maximum of the map after a k×k average pool (stride 1, no
-padding), k = ``max(1, H // 8)`` by default (DIVAD pools 8×8 eight times at 256 px).
+Round trips: ``"deterministic"`` (:func:`reconstruct`: DDIM inversion to t0 and denoising back on
+one grid, 2·steps evaluations), ``"stochastic"`` (:func:`stochastic_reconstruct`: fresh forward
+noise to t0, or the inversion, then η-denoising, ``draws`` times), ``"model_free"`` (no model).
+**t0 is a fraction of T** (:func:`timestep_of`). Images are (N, C, H, W) in [-1, 1]; maps are
+(N, H, W), higher = more anomalous. Smoothing σ defaults to 4·H/256 px (0.5 px at 32 px); the
+table sets it (params.yaml ``localization.smooth_sigma``: 3 px, tuned on a separate split). All
+noise of a batch comes from one generator (:func:`batch_generator`). The step dict a ``callback``
+sees: :mod:`diffpath.core.sampling`. Why these choices: ``docs/methods.md``.
 """
 
 from __future__ import annotations
@@ -89,28 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffpath.core.sampling import StepCallback, ddim_denoise, ddim_invert, partial_ddim_coefficients
-from diffpath.core.schedule import alphas_cumprod_of
+from diffpath.core.protocols import EpsFn
+from diffpath.core.sampling import Step, StepCallback, ddim_walk, round_trip_steps
+from diffpath.core.schedule import NoiseSchedule, schedule_of
 from diffpath.methods.maps import (  # noqa: F401  (re-exported: the maps used to live here)
-    METHODS,
-    MODEL_FREE,
-    anomaly_maps,
-    combine_maps,
-    default_smooth_sigma,
-    feature_distance_map,
-    gaussian_smooth,
-    image_scores,
-    map_scales,
-    model_free_map,
-    pixel_distance_map,
-    ssim_distance_map,
+    MAP_KINDS, MODEL_FREE, anomaly_maps, combine_maps, default_smooth_sigma, feature_distance_map,
+    gaussian_smooth, image_scores, map_scales, model_free_map, pixel_distance_map, ssim_distance_map,
     to_image_grid,
 )
-from diffpath.models import EpsFn
 from diffpath.models.hooks import UNetFeatures
 
 __all__ = [
-    "METHODS",
+    "MAP_KINDS",
     "MODEL_FREE",
     "KINDS",
     "CountingModel",
@@ -119,6 +46,7 @@ __all__ = [
     "timestep_of",
     "reconstruct",
     "stochastic_reconstruct",
+    "batch_generator",
     "anomaly_maps",
     "combine_maps",
     "image_scores",
@@ -171,6 +99,20 @@ class Reconstruction:
     nfe: int
 
 
+def _tagged(callback: StepCallback | None, **tags: Any) -> StepCallback | None:
+    """``callback`` seeing every step dict with ``tags`` added (None stays None)."""
+    if callback is None:
+        return None
+    return lambda step: callback({**step, **tags})
+
+
+def _round_trip(schedule: NoiseSchedule, t0: int, steps: int) -> tuple[list[Step], list[Step]]:
+    """:func:`~diffpath.core.sampling.round_trip_steps`, with t0 checked against the schedule."""
+    if not 0 < int(t0) < schedule.num_timesteps:
+        raise ValueError(f"t0 must lie in [1, {schedule.num_timesteps - 1}], got {t0}")
+    return round_trip_steps(int(t0), steps)
+
+
 @torch.no_grad()
 def reconstruct(
     model: EpsFn,
@@ -178,42 +120,35 @@ def reconstruct(
     t0: int,
     steps: int,
     *,
-    alphas_cumprod: np.ndarray | None = None,
+    schedule: NoiseSchedule | None = None,
     clip_denoised: bool = True,
     denoise_t0: int | None = None,
     callback: StepCallback | None = None,
 ) -> Reconstruction:
-    """Invert x0 to ``t0`` along ``steps`` DDIM steps and denoise back with the same timesteps.
+    """Invert x0 to ``t0`` along ``steps`` DDIM steps and denoise back with the same timesteps
+    (:func:`~diffpath.core.sampling.round_trip_steps`).
 
     Args:
-        model: ε-model ``(x, t) -> ε``; its ``.schedule`` gives ᾱ unless ``alphas_cumprod`` is given.
+        model: ε-model ``(x, t) -> ε̂``.
         x0: (B, C, H, W) float images in [-1, 1], on the model's device.
         t0: intermediate timestep in the model's training timesteps (``steps <= t0 <= T − 1``;
             :func:`timestep_of` converts a fraction of T).
         steps: DDIM steps per direction.
+        schedule: ᾱ (default ``model.schedule``).
         clip_denoised: clip every x̂0 to [-1, 1] (both directions).
         denoise_t0: ablation only. Denoise as if the latent sat at ``denoise_t0`` (its own
             ``steps`` evenly spaced timesteps) instead of ``t0``. ``None`` (default) keeps the two
-            directions consistent; a value above ``t0`` imitates the reference code's mismatch
-            (a latent inverted to t0 denoised on a schedule that starts at a higher noise level).
-        callback: forwarded to both loops; each step dict gets ``"phase"``: ``"invert"`` or
+            directions consistent; a value above ``t0`` imitates the reference code's mismatch.
+        callback: forwarded to both walks, each step dict with ``"phase"``: ``"invert"`` or
             ``"denoise"``.
-
-    Returns:
-        :class:`Reconstruction`.
     """
-    ac = alphas_cumprod_of(model, alphas_cumprod)
-    inv, den = partial_ddim_coefficients(ac, t0, steps)
+    sched = schedule_of(model, schedule)
+    inv, den = _round_trip(sched, t0, steps)
     if denoise_t0 is not None and int(denoise_t0) != int(t0):
-        den = partial_ddim_coefficients(ac, int(denoise_t0), steps)[1]
-
-    def tag(phase: str):
-        if callback is None:
-            return None
-        return lambda step: callback({**step, "phase": phase})
-
-    x_t0 = ddim_invert(model, x0, inv, clip_denoised=clip_denoised, callback=tag("invert"))
-    x_hat = ddim_denoise(model, x_t0, den, clip_denoised=clip_denoised, callback=tag("denoise"))
+        den = _round_trip(sched, int(denoise_t0), steps)[1]
+    kw = {"schedule": sched, "clip_denoised": clip_denoised}
+    x_t0 = ddim_walk(model, x0, inv, callback=_tagged(callback, phase="invert"), **kw)
+    x_hat = ddim_walk(model, x_t0, den, callback=_tagged(callback, phase="denoise"), **kw)
     return Reconstruction(x_hat=x_hat, x_t0=x_t0, t0=int(t0), steps=int(steps), nfe=2 * int(steps))
 
 
@@ -235,23 +170,25 @@ def stochastic_reconstruct(
     t0: int,
     steps: int,
     *,
+    schedule: NoiseSchedule | None = None,
     draws: int = 1,
     eta: float = 1.0,
     start: str = "noise",
     generator: torch.Generator | None = None,
-    alphas_cumprod: np.ndarray | None = None,
     clip_denoised: bool = True,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """``draws`` stochastic round trips of x0 through timestep ``t0``.
 
     Args:
-        model, x0, t0, steps, clip_denoised: as :func:`reconstruct`.
+        model, x0, t0, steps, schedule, clip_denoised: as :func:`reconstruct`.
         draws: independent reconstructions per image.
         eta: DDIM η of the denoising walk (1: ancestral, DDPM-like; 0: deterministic).
-        start: ``"noise"``: x_{t0} = √ᾱ_{t0}·x0 + √(1−ᾱ_{t0})·z, z ~ N(0, I) from ``generator``
-            (AnoDDPM); ``"invert"``: the deterministic DDIM inversion of x0 to t0 (once, ``steps``
-            evaluations), shared by the draws, which then differ only through η.
+        start: ``"noise"``: x_{t0} = ``schedule.q_sample(x0, t0, z)``, z ~ N(0, I) from
+            ``generator`` (AnoDDPM); ``"invert"``: the deterministic DDIM inversion of x0 to t0
+            (once, ``steps`` evaluations), shared by the draws, which then differ only through η.
         generator: source of every random number (on x0's device).
+        callback: sees every step dict, with ``"phase"`` and (denoising) ``"draw"``.
 
     Returns:
         (draws, B, C, H, W) reconstructions in [-1, 1]. Cost: draws·steps evaluations per image
@@ -261,21 +198,21 @@ def stochastic_reconstruct(
         raise ValueError(f"start must be 'noise' or 'invert', got {start!r}")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    ac = alphas_cumprod_of(model, alphas_cumprod)
-    inv, den = partial_ddim_coefficients(ac, t0, steps)
+    sched = schedule_of(model, schedule)
+    inv, den = _round_trip(sched, t0, steps)
     x0 = x0.float()
     latent = None
     if start == "invert":
-        latent = ddim_invert(model, x0, inv, clip_denoised=clip_denoised)
-    a = float(ac[int(t0)])
+        latent = ddim_walk(model, x0, inv, schedule=sched, clip_denoised=clip_denoised,
+                           callback=_tagged(callback, phase="invert"))
     outs = []
-    for _ in range(int(draws)):
+    for d in range(int(draws)):
         if latent is None:
-            z = torch.randn(x0.shape, generator=generator, device=x0.device)
-            x_t = np.sqrt(a) * x0 + np.sqrt(1.0 - a) * z
+            x_t = sched.q_sample(x0, int(t0), torch.randn(x0.shape, generator=generator, device=x0.device))
         else:
             x_t = latent
-        outs.append(ddim_denoise(model, x_t, den, clip_denoised=clip_denoised, eta=eta, generator=generator))
+        outs.append(ddim_walk(model, x_t, den, schedule=sched, clip_denoised=clip_denoised, eta=eta,
+                              generator=generator, callback=_tagged(callback, phase="denoise", draw=d)))
     return torch.stack(outs)
 
 
@@ -292,7 +229,7 @@ class MapSpec:
         start: ``"noise"`` or ``"invert"`` (see :func:`stochastic_reconstruct`).
         reduce: ``"maps"`` (mean of the per-draw maps) or ``"reconstruction"`` (map of the mean
             reconstruction).
-        maps: map kinds: :data:`METHODS` for round trips, :data:`MODEL_FREE` for ``model_free``.
+        maps: map kinds: :data:`MAP_KINDS` for round trips, :data:`MODEL_FREE` for ``model_free``.
         denoise_t0: ablation of the reference code's mismatch (``kind="deterministic"``): denoise
             as if the latent sat at this fraction of T.
     """
@@ -313,7 +250,7 @@ class MapSpec:
         object.__setattr__(self, "maps", (self.maps,) if isinstance(self.maps, str) else tuple(self.maps))
         if self.kind not in KINDS:
             raise ValueError(f"unknown kind {self.kind!r}; known: {list(KINDS)}")
-        known = MODEL_FREE if self.kind == "model_free" else METHODS
+        known = MODEL_FREE if self.kind == "model_free" else MAP_KINDS
         bad = [m for m in self.maps if m not in known]
         if bad or not self.maps:
             raise ValueError(f"maps {bad or '[]'} do not fit kind {self.kind!r}; choose from {list(known)}")
@@ -370,27 +307,133 @@ class LocalizationResult:
     nfe: float
     settings: dict[str, Any] = field(default_factory=dict)
 
+    def take(self, index: Sequence[int]) -> LocalizationResult:
+        """The result of the images at ``index`` (same scales, cost and settings)."""
+        idx = np.asarray(index, dtype=np.int64)
+        return LocalizationResult(
+            maps={m: v[idx] for m, v in self.maps.items()}, scores={m: v[idx] for m, v in self.scores.items()},
+            x_hat=None if self.x_hat is None else self.x_hat[idx], scales=dict(self.scales), nfe=self.nfe,
+            settings=dict(self.settings))
 
-def _round_trip_maps(model, xb, spec, T, base, gen, feats, kw, clip_denoised):
-    """Maps of one batch for every t0 of ``spec``, averaged over t0; also the first reconstruction."""
-    acc: dict[str, torch.Tensor] = {}
-    first = None
-    for f in spec.t0:
-        t0 = timestep_of(f, T, spec.steps)
+
+# ----------------------------------------------------------------------------------------------
+# the maps of a table row
+
+
+def batch_generator(seed: int, first_index: int, device: torch.device | str) -> torch.Generator:
+    """The generator of every random number of one batch of a stochastic row: seeded with
+    ``seed · 1,000,003 + first_index`` (the index of the batch's first image in the whole set)."""
+    return torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + int(first_index))
+
+
+@dataclass
+class _Pass:
+    """What every batch of one :func:`localize` call shares."""
+
+    model: CountingModel
+    schedule: NoiseSchedule
+    spec: MapSpec
+    base: list[str]  # the reconstruction-based maps computed per draw ("combined" is set-level)
+    features: UNetFeatures | None
+    map_kw: dict[str, Any]
+    clip_denoised: bool
+    probe: int  # evaluations spent before the first batch (the feature hooks' probe pass)
+
+    def nfe(self, n_images: int) -> float:
+        """UNet evaluations per image since the start."""
+        return (self.model.images - self.probe) / max(n_images, 1)
+
+    def timestep(self, fraction: float) -> int:
+        return timestep_of(fraction, self.schedule.num_timesteps, self.spec.steps)
+
+    def reconstructions(self, xb: torch.Tensor, fraction: float, gen: torch.Generator,
+                        callback: StepCallback | None) -> torch.Tensor:
+        """(draws, B, C, H, W) round trips of ``xb`` through the t0 at ``fraction`` of T."""
+        spec, t0 = self.spec, self.timestep(fraction)
+        kw = {"schedule": self.schedule, "clip_denoised": self.clip_denoised,
+              "callback": _tagged(callback, t0=t0)}
         if spec.kind == "deterministic":
-            dt0 = None if spec.denoise_t0 is None else timestep_of(spec.denoise_t0, T, spec.steps)
-            recs = reconstruct(model, xb, t0, spec.steps, clip_denoised=clip_denoised, denoise_t0=dt0).x_hat[None]
+            dt0 = None if spec.denoise_t0 is None else self.timestep(spec.denoise_t0)
+            return reconstruct(self.model, xb, t0, spec.steps, denoise_t0=dt0, **kw).x_hat[None]
+        return stochastic_reconstruct(self.model, xb, t0, spec.steps, draws=spec.draws, eta=spec.eta,
+                                      start=spec.start, generator=gen, **kw)
+
+    def batch_maps(self, xb: torch.Tensor, gen: torch.Generator,
+                   callback: StepCallback | None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Maps of one batch averaged over draws and t0, and the first t0's mean reconstruction."""
+        acc: dict[str, torch.Tensor] = {}
+        first = None
+        n_t0 = len(self.spec.t0)
+        for f in self.spec.t0:
+            recs = self.reconstructions(xb, f, gen, callback)
+            if self.spec.reduce == "reconstruction":
+                recs = recs.mean(0, keepdim=True)
+            first = recs.mean(0) if first is None else first
+            for r in recs:
+                for m, v in anomaly_maps(xb, r, self.base, features=self.features, **self.map_kw).items():
+                    acc[m] = acc.get(m, 0) + v / (len(recs) * n_t0)
+        assert first is not None
+        return acc, first
+
+
+def _start(model: Any, spec: MapSpec, schedule: NoiseSchedule | None, feature_layers: Sequence[str] | None,
+           weights: Mapping[str, float] | None, map_kw: dict[str, Any], clip_denoised: bool) -> _Pass:
+    """The shared state of a round-trip row: counted model, schedule, per-draw maps, feature hooks."""
+    base = [m for m in MAP_KINDS if m != "combined" and (m in spec.maps or "combined" in spec.maps)]
+    if "combined" in spec.maps and weights is not None:
+        base = [m for m in base if m in spec.maps or float(weights.get(m, 0.0)) != 0.0]
+    counter = CountingModel(model)
+    feats = UNetFeatures(counter, feature_layers) if "feature" in base else None
+    return _Pass(counter, schedule_of(model, schedule), spec, base, feats, map_kw, clip_denoised,
+                 probe=counter.images)
+
+
+def _set_level(maps_t: dict[str, torch.Tensor], spec: MapSpec, weights: Mapping[str, float] | None,
+               scales: Mapping[str, float] | None,
+               out_size: tuple[int, int] | None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The ``"combined"`` map from set-level scales, then every map as (N, H, W) float32 numpy."""
+    used: dict[str, float] = {}
+    if "combined" in spec.maps:
+        used = map_scales(maps_t) if scales is None else {k: float(scales[k]) for k in maps_t}
+        maps_t["combined"] = combine_maps(maps_t, weights, used)  # type: ignore[assignment]
+    if out_size is not None:
+        return {m: to_image_grid(maps_t[m], out_size) for m in spec.maps}, used
+    return {m: maps_t[m][:, 0].numpy().astype(np.float32) for m in spec.maps}, used
+
+
+def _map_batches(run: _Pass | None, spec: MapSpec, x_all: torch.Tensor, dev: torch.device, *, seed: int,
+                 first_index: int, batch_size: int, smooth_sigma: float | None,
+                 callback: StepCallback | None) -> tuple[dict[str, torch.Tensor], np.ndarray | None]:
+    """Every batch's maps, concatenated on the CPU, and the reconstructions (round trips only)."""
+    per: dict[str, list[torch.Tensor]] = {}
+    x_hats: list[torch.Tensor] = []
+    for lo in range(0, int(x_all.shape[0]), batch_size):
+        xb = x_all[lo : lo + batch_size].to(dev)
+        if run is None:
+            mp = {m: model_free_map(xb, m, smooth_sigma=smooth_sigma) for m in spec.maps}
         else:
-            recs = stochastic_reconstruct(model, xb, t0, spec.steps, draws=spec.draws, eta=spec.eta,
-                                          start=spec.start, generator=gen, clip_denoised=clip_denoised)
-        if spec.reduce == "reconstruction":
-            recs = recs.mean(0, keepdim=True)
-        first = recs.mean(0) if first is None else first
-        for r in recs:
-            mp = anomaly_maps(xb, r, base, features=feats, **kw)
-            for m, v in mp.items():
-                acc[m] = acc.get(m, 0) + v / (len(recs) * len(spec.t0))
-    return acc, first
+            mp, rec = run.batch_maps(xb, batch_generator(seed, first_index + lo, dev), callback)
+            x_hats.append(rec.cpu())
+        for m, v in mp.items():
+            per.setdefault(m, []).append(v.cpu())
+    return {m: torch.cat(v) for m, v in per.items()}, (torch.cat(x_hats).numpy() if x_hats else None)
+
+
+def _settings(spec: MapSpec, run: _Pass | None, width: int, grid: int, *, seed: int, feature_t: int,
+              pixel_power: int, smooth_sigma: float | None, pool: int | None,
+              out_size: tuple[int, int] | None, weights: Mapping[str, float] | None) -> dict[str, Any]:
+    """The spec and every other parameter a :func:`localize` call used (defaults resolved)."""
+    return {
+        **spec.to_dict(), "seed": int(seed), "num_timesteps": run.schedule.num_timesteps if run is not None else 0,
+        "t0_timesteps": [run.timestep(f) for f in spec.t0] if run is not None else None,
+        "feature_t": int(feature_t),
+        "feature_layers": None if run is None or run.features is None else list(run.features.layers),
+        "pixel_power": pixel_power,
+        "smooth_sigma": default_smooth_sigma(width) if smooth_sigma is None else float(smooth_sigma),
+        "pool": max(1, grid // 8) if pool is None else int(pool),
+        "out_size": None if out_size is None else [int(v) for v in out_size],
+        "weights": dict(weights) if weights is not None else None,
+    }
 
 
 def localize(
@@ -398,7 +441,9 @@ def localize(
     x0: np.ndarray | torch.Tensor,
     spec: MapSpec,
     *,
+    schedule: NoiseSchedule | None = None,
     seed: int = 0,
+    first_index: int = 0,
     batch_size: int = 64,
     feature_t: int = 50,
     feature_layers: Sequence[str] | None = None,
@@ -409,76 +454,36 @@ def localize(
     pool: int | None = None,
     out_size: tuple[int, int] | None = None,
     clip_denoised: bool = True,
+    callback: StepCallback | None = None,
 ) -> LocalizationResult:
-    """Every map of ``spec`` for N images, and their image scores.
+    """Every map of ``spec`` for N images (N, C, H, W) in [-1, 1], and their image scores.
 
     Args:
-        model: an :class:`~diffpath.models.EpsModel` (``.schedule``, ``.num_timesteps``; the
-            feature map also needs ``.net``). Unused for ``kind="model_free"``.
-        x0: (N, C, H, W) float32 in [-1, 1] (e.g. from :func:`diffpath.data.to_model_input`).
-        spec: the round trip and maps (:class:`MapSpec`).
-        seed: seeds the stochastic round trips (one ``torch.Generator`` per batch, seeded with
-            ``[seed, first image index]``; the same seed and batch size give the same maps).
+        model: an :class:`~diffpath.models.EpsModel` (unused for ``kind="model_free"``).
+        x0, spec, schedule: the images, the row (:class:`MapSpec`), ᾱ (default ``model.schedule``).
+        seed, first_index: batch ``[lo, lo + batch_size)`` draws its noise from
+            :func:`batch_generator` ``(seed, first_index + lo)``: a slice of a larger set passed
+            with its ``first_index`` (a multiple of ``batch_size``) gets that set's maps.
         batch_size: images per UNet batch.
-        feature_t, feature_layers: see :func:`~diffpath.methods.maps.feature_distance_map`.
-        pixel_power, smooth_sigma: see :func:`~diffpath.methods.maps.anomaly_maps`.
-        weights, scales: see :func:`~diffpath.methods.maps.combine_maps` (scales default to
-            set-level means over these N images).
+        feature_t, feature_layers, pixel_power, smooth_sigma, weights, scales: see
+            :mod:`diffpath.methods.maps` (σ default 4·H/256 px; scales default to set-level means
+            over these N images).
         pool: image-score window (default ``max(1, H // 8)`` of the grid scored).
-        out_size: the images' original (H, W): maps are brought back to it with
-            :func:`~diffpath.methods.maps.to_image_grid` before scoring.
+        out_size: the images' original (H, W): maps go back to it (:func:`to_image_grid`).
+        callback: sees every step dict of the round trips (with ``"phase"``, ``"t0"``, ``"draw"``).
     """
     x_all = torch.as_tensor(np.asarray(x0) if isinstance(x0, np.ndarray) else x0).float()
-    N = int(x_all.shape[0])
-    kw = {"feature_t": int(feature_t), "pixel_power": pixel_power, "smooth_sigma": smooth_sigma}
-    per: dict[str, list[torch.Tensor]] = {}
-    x_hats: list[torch.Tensor] = []
-    counter = CountingModel(model) if spec.kind != "model_free" else None
-    base = [m for m in METHODS if m != "combined" and (m in spec.maps or "combined" in spec.maps)]
-    if "combined" in spec.maps and weights is not None:
-        base = [m for m in base if m in spec.maps or float(weights.get(m, 0.0)) != 0.0]
-    feats = UNetFeatures(counter, feature_layers) if counter is not None and "feature" in base else None
-    probe = counter.images if counter is not None else 0
-    dev = getattr(model, "device", torch.device("cpu")) if counter is not None else torch.device("cpu")
-    T = len(alphas_cumprod_of(model, None)) if counter is not None else 0
-    for lo in range(0, N, batch_size):
-        xb = x_all[lo : lo + batch_size].to(dev)
-        if counter is None:
-            mp = {m: model_free_map(xb, m, smooth_sigma=smooth_sigma) for m in spec.maps}
-        else:
-            gen = torch.Generator(device=dev).manual_seed(int(seed) * 1_000_003 + lo)
-            mp, rec = _round_trip_maps(counter, xb, spec, T, base, gen, feats, kw,
-                                       clip_denoised)
-            x_hats.append(rec.cpu())
-        for m, v in mp.items():
-            per.setdefault(m, []).append(v.cpu())
-    maps_t = {m: torch.cat(v) for m, v in per.items()}
-    used_scales: dict[str, float] = {}
-    if "combined" in spec.maps:
-        used_scales = map_scales(maps_t) if scales is None else {k: float(scales[k]) for k in maps_t}
-        maps_t["combined"] = combine_maps(maps_t, weights, used_scales)  # type: ignore[assignment]
-    if out_size is not None:
-        maps = {m: to_image_grid(maps_t[m], out_size) for m in spec.maps}
-    else:
-        maps = {m: maps_t[m][:, 0].numpy().astype(np.float32) for m in spec.maps}
-    scores = {m: image_scores(maps[m], pool) for m in spec.maps}
+    map_kw = {"feature_t": int(feature_t), "pixel_power": pixel_power, "smooth_sigma": smooth_sigma}
+    run = None if spec.kind == "model_free" else _start(model, spec, schedule, feature_layers, weights,
+                                                        map_kw, clip_denoised)
+    dev = getattr(model, "device", torch.device("cpu")) if run is not None else torch.device("cpu")
+    maps_t, x_hat = _map_batches(run, spec, x_all, dev, seed=seed, first_index=first_index, batch_size=batch_size,
+                                 smooth_sigma=smooth_sigma, callback=callback)
+    maps, used_scales = _set_level(maps_t, spec, weights, scales, out_size)
     grid = int(next(iter(maps.values())).shape[-2]) if maps else int(x_all.shape[-2])
-    nfe = 0.0 if counter is None else (counter.images - probe) / max(N, 1)
+    settings = _settings(spec, run, int(x_all.shape[-1]), grid, seed=seed, feature_t=feature_t,
+                         pixel_power=pixel_power, smooth_sigma=smooth_sigma, pool=pool, out_size=out_size,
+                         weights=weights)
     return LocalizationResult(
-        maps=maps,
-        scores=scores,
-        x_hat=torch.cat(x_hats).numpy() if x_hats else None,
-        scales=used_scales,
-        nfe=float(nfe),
-        settings={
-            **spec.to_dict(), "seed": int(seed), "num_timesteps": T,
-            "t0_timesteps": [timestep_of(f, T, spec.steps) for f in spec.t0] if T else None,
-            "feature_t": int(feature_t),
-            "feature_layers": None if feats is None else list(feats.layers),
-            "pixel_power": pixel_power,
-            "smooth_sigma": default_smooth_sigma(int(x_all.shape[-1])) if smooth_sigma is None else float(smooth_sigma),
-            "pool": max(1, grid // 8) if pool is None else int(pool),
-            "out_size": None if out_size is None else [int(v) for v in out_size],
-            "weights": dict(weights) if weights is not None else None,
-        },
-    )
+        maps=maps, scores={m: image_scores(maps[m], pool) for m in spec.maps}, x_hat=x_hat,
+        scales=used_scales, nfe=0.0 if run is None else run.nfe(int(x_all.shape[0])), settings=settings)

@@ -1,8 +1,8 @@
 """Anomaly maps: turn an image and its reconstruction(s) into per-pixel maps and image scores.
 
-Every map is ``(B, 1, H, W)``, higher = more anomalous. See :mod:`diffpath.methods.localization`
-for the reconstructions they compare and for the definitions of ``pixel``, ``ssim``, ``feature``
-and ``combined``. Model-free baselines (no reconstruction, no UNet):
+Every map is ``(B, 1, H, W)``, higher = more anomalous. The reconstructions they compare:
+:mod:`diffpath.methods.localization`; the definitions of ``pixel``, ``ssim``, ``feature`` and
+``combined`` and why: ``docs/methods.md``. Model-free baselines (no reconstruction, no UNet):
 
 ``gradient``
     Sobel gradient magnitude of the image (channel mean): edges are "anomalous". A floor that any
@@ -26,7 +26,7 @@ from diffpath.core.ssim import gaussian_filter, ssim_map
 from diffpath.models.hooks import UNetFeatures
 
 __all__ = [
-    "METHODS",
+    "MAP_KINDS",
     "MODEL_FREE",
     "pixel_distance_map",
     "ssim_distance_map",
@@ -44,15 +44,14 @@ __all__ = [
 ]
 
 #: The reconstruction-based map kinds, in the order they are reported.
-METHODS: tuple[str, ...] = ("pixel", "ssim", "feature", "combined")
+MAP_KINDS: tuple[str, ...] = ("pixel", "ssim", "feature", "combined")
 #: The model-free map kinds.
 MODEL_FREE: tuple[str, ...] = ("gradient", "median")
 
 
-
-
 def default_smooth_sigma(size: int) -> float:
-    """σ = 4 px at 256 px, scaled to ``size`` (0.5 px at 32)."""
+    """σ = 4 px at 256 px (DIVAD's), scaled to ``size`` (0.5 px at 32): the default when no σ is
+    given; the study's table sets its own (params.yaml ``localization.smooth_sigma``)."""
     return 4.0 * size / 256.0
 
 
@@ -109,7 +108,7 @@ def feature_distance_map(
 def anomaly_maps(
     x: torch.Tensor,
     x_hat: torch.Tensor,
-    methods: Sequence[str] = ("pixel", "ssim"),
+    kinds: Sequence[str] = ("pixel", "ssim"),
     *,
     model: Any = None,
     features: UNetFeatures | None = None,
@@ -119,15 +118,15 @@ def anomaly_maps(
 ) -> dict[str, torch.Tensor]:
     """The requested maps (``"pixel"``, ``"ssim"``, ``"feature"``), each (B, 1, H, W), smoothed.
 
-    ``"combined"`` in ``methods`` is ignored here (it needs set-level scales; see
+    ``"combined"`` in ``kinds`` is ignored here (it needs set-level scales; see
     :func:`combine_maps`). ``"feature"`` needs ``features`` or ``model``.
     """
-    unknown = set(methods) - set(METHODS)
+    unknown = set(kinds) - set(MAP_KINDS)
     if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; known: {list(METHODS)}")
+        raise ValueError(f"unknown map kinds {sorted(unknown)}; known: {list(MAP_KINDS)}")
     sigma = default_smooth_sigma(x.shape[-1]) if smooth_sigma is None else float(smooth_sigma)
     out: dict[str, torch.Tensor] = {}
-    for m in methods:
+    for m in kinds:
         if m == "pixel":
             raw = pixel_distance_map(x, x_hat, pixel_power)
         elif m == "ssim":

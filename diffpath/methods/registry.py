@@ -20,24 +20,23 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from diffpath.methods.diffpath import diffpath_1d, diffpath_6d, diffpath_statistics
+from diffpath.methods.diffpath import DIFFPATH_KEYS, diffpath_1d, diffpath_6d, diffpath_statistics
+from diffpath.methods.diffpathv2 import SCORE_ERROR_KEYS, diffpathv2_1d, diffpathv2_features
 
 __all__ = ["Method", "METHODS", "get_method", "method_features"]
 
 
 def _v2(err: str, kind: str = "norm", derivative: bool = True) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+    """Features of the error ``err`` (``"err"`` or ``"werr"``) and of its derivative."""
     def f(cache: Mapping[str, np.ndarray]) -> np.ndarray:
-        from diffpath.methods.diffpathv2 import diffpathv2_features
-
-        return diffpathv2_features(cache[f"v2_{err}"], cache[f"v2_d{err}"], kind=kind, derivative=derivative)
+        return diffpathv2_features(cache[SCORE_ERROR_KEYS[err]], cache[SCORE_ERROR_KEYS["d" + err]],
+                                   kind=kind, derivative=derivative)
 
     return f
 
 
 def _v2_1d(cache: Mapping[str, np.ndarray]) -> np.ndarray:
-    from diffpath.methods.diffpathv2 import diffpathv2_1d
-
-    return diffpathv2_1d(cache["v2_dwerr"])
+    return diffpathv2_1d(cache[SCORE_ERROR_KEYS["dwerr"]])
 
 
 @dataclass(frozen=True)
@@ -59,15 +58,20 @@ class Method:
         return f.reshape(len(f), -1)
 
 
-_NEEDS = {"diffpath": ("dp_eps", "dp_deps"), "diffpathv2": ("v2_err", "v2_derr", "v2_werr", "v2_dwerr")}
+_NEEDS = {"diffpath": (DIFFPATH_KEYS["eps"], DIFFPATH_KEYS["deps"]),
+          "diffpathv2": tuple(SCORE_ERROR_KEYS[k] for k in ("err", "derr", "werr", "dwerr"))}
+
+
+def _dp_stats(c: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return diffpath_statistics(c[DIFFPATH_KEYS["eps"]], c[DIFFPATH_KEYS["deps"]])
 
 
 def _dp6(c: Mapping[str, np.ndarray]) -> np.ndarray:
-    return diffpath_6d(diffpath_statistics(c["dp_eps"], c["dp_deps"]))
+    return diffpath_6d(_dp_stats(c))
 
 
 def _dp1(c: Mapping[str, np.ndarray]) -> np.ndarray:
-    return diffpath_1d(diffpath_statistics(c["dp_eps"], c["dp_deps"]))
+    return diffpath_1d(_dp_stats(c))
 
 
 METHODS: dict[str, Method] = {

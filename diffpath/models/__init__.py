@@ -1,4 +1,5 @@
-"""ε-models behind one callable protocol: ``model(x, t) -> ε``.
+"""ε-models behind one callable protocol: ``model(x, t) -> ε`` (:class:`EpsFn`, defined in
+:mod:`diffpath.core.protocols` and re-exported here).
 
 * ``x``: ``(B, C, H, W)`` float tensor, images (or noisy images) in the model's [-1, 1] space.
 * ``t``: ``(B,)`` int64 tensor of *original* training timesteps ``0 .. T-1`` of the model's own
@@ -23,11 +24,12 @@ import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import nn
 
+from diffpath.core.protocols import EpsFn
 from diffpath.core.schedule import NoiseSchedule
 from diffpath.models.errors import ModelLoadError
 
@@ -49,11 +51,6 @@ PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 #: The network precisions of :class:`RunOptions` (``"auto"`` in params and on the command line picks
 #: one per device: :func:`diffpath.models.options.fast_run_options`).
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
-
-
-@runtime_checkable
-class EpsFn(Protocol):
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from diffpath.core.schedule import alphas_cumprod_of
+from diffpath.core.schedule import NoiseSchedule, schedule_of
 from diffpath.models import EpsModel
 
 __all__ = ["denoising_loss_per_timestep", "untrained_like", "image_grid"]
@@ -25,7 +25,7 @@ def denoising_loss_per_timestep(
     timesteps: Sequence[int],
     seed: int = 0,
     *,
-    alphas_cumprod: np.ndarray | None = None,
+    schedule: NoiseSchedule | None = None,
     batch_size: int = 256,
 ) -> np.ndarray:
     """Held-out denoising loss ``mean‖ε̂(x_t, t) − ε‖²`` per timestep, with fixed noise.
@@ -36,13 +36,13 @@ def denoising_loss_per_timestep(
         timesteps: the K timesteps to evaluate.
         seed: seeds the noise: timestep k uses the k-th ``(N, C, H, W)`` draw of a generator
             seeded with ``seed``, so two models evaluated with the same seed see the same noise.
-        alphas_cumprod: ``(T,)`` ᾱ; default ``eps_fn.schedule.alphas_cumprod``.
+        schedule: ᾱ (default ``eps_fn.schedule``); x_t = ``schedule.q_sample(x0, t, ε)``.
         batch_size: images per network call.
 
     Returns:
         ``(K,)`` float64: the mean squared error per pixel at each timestep (≈ 1 for ε̂ ≡ 0).
     """
-    ab = alphas_cumprod_of(eps_fn, alphas_cumprod)
+    sched = schedule_of(eps_fn, schedule)
     x = torch.as_tensor(np.asarray(x0) if not isinstance(x0, torch.Tensor) else x0).float().cpu()
     if x.ndim != 4:
         raise ValueError(f"x0 must be (N, C, H, W), got {tuple(x.shape)}")
@@ -52,12 +52,10 @@ def denoising_loss_per_timestep(
     for k, t in enumerate(timesteps):
         t = int(t)
         noise = torch.randn(x.shape, generator=gen)
-        a = float(np.sqrt(ab[t]))
-        s = float(np.sqrt(1.0 - ab[t]))
         total = 0.0
         for i in range(0, x.shape[0], batch_size):
             xb, nb = x[i : i + batch_size], noise[i : i + batch_size]
-            xt = (a * xb + s * nb).to(device)
+            xt = sched.q_sample(xb, t, nb).to(device)
             tt = torch.full((xb.shape[0],), t, dtype=torch.int64, device=device)
             pred = eps_fn(xt, tt).float().cpu()
             total += float(((pred - nb) ** 2).sum(dtype=torch.float64))

@@ -106,8 +106,11 @@ STAGES: dict[str, Stage] = {
         outs=(str(_L.figures_dir("localization")),),
         results=(str(_L.localization_csv()), str(_L.localization_per_class_csv())),
         metrics=(str(_L.localization_json()),)),
-    "localization_walkthrough": Stage(
-        "notebooks/35_localization_walkthrough.ipynb", (*_MODEL, "localization_walkthrough.*"),
+    "localization_walkthrough": Stage(  # shows the table's maps: reads the table's settings
+        "notebooks/35_localization_walkthrough.ipynb",
+        (*_MODEL, *(f"localization.{k}" for k in ("rows", "n_per_class", "seed", "part", "batch_size", "feature_t",
+                                                   "feature_layers", "smooth_sigma", "pool", "weights")),
+         "localization_walkthrough.*"),
         deps=_MODEL_DEPS, outs=(str(_L.html("localization_walkthrough")),
                                 str(_L.figures_dir("localization_walkthrough"))), html=True),
     "timesteps": Stage(

@@ -39,7 +39,7 @@ FAMILIES: dict[str, tuple[str, bool]] = {
 
 
 def window_feature(cache: Mapping[str, np.ndarray], family: str, lo: int, hi: int) -> np.ndarray:
-    """(N, 3) norm sums of ``family`` over steps ``lo .. hi − 1`` of a cache's (N, T, 5) moments."""
+    """(N, 3) norm sums of ``family`` over steps ``lo .. hi − 1`` of a cache's (N, K, 5) moments."""
     key, _ = FAMILIES[family]
     m = np.asarray(cache[key], dtype=np.float64)
     if not 0 <= lo < hi <= m.shape[1]:
