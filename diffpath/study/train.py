@@ -422,10 +422,43 @@ def _autocast(precision: str, device: torch.device) -> Any:
     return nullcontext()
 
 
-def _log_row(step: int, lr: float, losses: list[float], decay: float, seconds: float,
-             device: str) -> dict[str, Any]:
-    return {"step": step, "lr": lr, "loss": sum(losses) / len(losses), "ema_decay": decay,
-            "sec_per_step": seconds / len(losses), "device": device}
+def _start_state(cfg: TrainConfig, n: int, ckpt_path: Path | None, init_weights: str | Path | None,
+                 progress: bool) -> _RunState:
+    """A fresh run, or the checkpoint at ``ckpt_path`` when there is one (``None``: start afresh)."""
+    resuming = ckpt_path is not None and ckpt_path.is_file()
+    if cfg.init is not None and not resuming and init_weights is None:
+        raise ValueError("this run continues another (cfg.init): pass init_weights, the folder of "
+                         "that run's model (train_chain finds or trains it)")
+    state = _fresh_state(cfg, n, None if resuming else init_weights)
+    if resuming:
+        assert ckpt_path is not None
+        _resume(state, ckpt_path, cfg, n)
+        if progress:
+            print(f"resumed from {ckpt_path} at step {state.step}", flush=True)
+    return state
+
+
+def _write_config(out: Path, cfg: TrainConfig, step: int, n: int) -> None:
+    info = {**cfg.to_dict(), "steps_completed": step, "num_images": n}
+    write_text_atomic(out / "train_config.json", json.dumps(info, indent=2) + "\n")
+
+
+def _save_checkpoint(state: _RunState, cfg: TrainConfig, n: int, out: Path, ckpt_path: Path) -> None:
+    """The resumable checkpoint (atomically), then the log and the config beside the run."""
+    with atomic_path(ckpt_path) as tmp:
+        torch.save(state.checkpoint(cfg, n), tmp)
+    _write_log(out / LOG_NAME, state.history)
+    _write_config(out, cfg, state.step, n)
+
+
+def _log(state: _RunState, cfg: TrainConfig, lr: float, losses: list[float], decay: float,
+         seconds: float, device: str, progress: bool) -> None:
+    row = {"step": state.step, "lr": lr, "loss": sum(losses) / len(losses), "ema_decay": decay,
+           "sec_per_step": seconds / len(losses), "device": device}
+    state.history.append(row)
+    if progress:
+        print(f"step {state.step:6d}/{cfg.steps}  loss {row['loss']:.4f}  lr {lr:.2e}  "
+              f"{row['sec_per_step']:.3f} s/step", flush=True)
 
 
 def train(
@@ -476,27 +509,8 @@ def train(
     x_all = _as_images(images, cfg)
     n = x_all.shape[0]
     schedule = train_schedule(cfg)
-    resuming = resume and ckpt_path.is_file()
-    if cfg.init is not None and not resuming and init_weights is None:
-        raise ValueError("this run continues another (cfg.init): pass init_weights, the folder of "
-                         "that run's model (train_chain finds or trains it)")
-    state = _fresh_state(cfg, n, None if resuming else init_weights)
-    if resuming:
-        _resume(state, ckpt_path, cfg, n)
-        if progress:
-            print(f"resumed from {ckpt_path} at step {state.step}", flush=True)
-
-    def write_config() -> None:
-        info = {**cfg.to_dict(), "steps_completed": state.step, "num_images": n}
-        write_text_atomic(out / "train_config.json", json.dumps(info, indent=2) + "\n")
-
-    def save_checkpoint() -> None:
-        with atomic_path(ckpt_path) as tmp:
-            torch.save(state.checkpoint(cfg, n), tmp)
-        _write_log(out / LOG_NAME, state.history)
-        write_config()
-
-    write_config()
+    state = _start_state(cfg, n, ckpt_path if resume else None, init_weights, progress)
+    _write_config(out, cfg, state.step, n)
     forward = torch.compile(state.model) if cfg.compile else None
     end = cfg.steps if stop_at is None else min(cfg.steps, int(stop_at))
     state.model.train()
@@ -512,14 +526,10 @@ def train(
         state.step += 1
         losses.append(float(loss))
         if state.step % cfg.log_every == 0 or state.step == end:
-            row = _log_row(state.step, lr, losses, decay, time.perf_counter() - t0, str(x_t.device))
-            state.history.append(row)
-            if progress:
-                print(f"step {state.step:6d}/{cfg.steps}  loss {row['loss']:.4f}  lr {lr:.2e}  "
-                      f"{row['sec_per_step']:.3f} s/step", flush=True)
+            _log(state, cfg, lr, losses, decay, time.perf_counter() - t0, str(x_t.device), progress)
             losses, t0 = [], time.perf_counter()
         if state.step % cfg.checkpoint_every == 0 or state.step == end:
-            save_checkpoint()
+            _save_checkpoint(state, cfg, n, out, ckpt_path)
             if callback is not None:
                 callback(state.step, state.ema)
             if max_seconds is not None and time.perf_counter() - t_start > max_seconds:
