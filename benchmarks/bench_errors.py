@@ -585,6 +585,29 @@ def _quiet_compiler() -> None:
         pass
 
 
+def profile_batch(run: Callable[[], Any], device: torch.device, out: Path, top: int = 25) -> None:
+    """Profile one (already warm) call of ``run`` and write the top ``top`` operators and kernels
+    by self time on the device (self CPU time on the CPU) as JSON: where a steady-state batch
+    spends its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    run()
+    _sync(device)
+    with profile(activities=acts) as prof:
+        run()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    total = sum(getattr(e, key, 0.0) for e in events) or 1.0
+    rows = [{"name": e.key, "calls": e.count, "self_us": round(getattr(e, key, 0.0), 1),
+             "share": round(getattr(e, key, 0.0) / total, 4)} for e in events[:top]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": device.type, "metric": key, "total_us": round(total, 1),
+                               "top": rows}, indent=1) + "\n")
+    print(f"[bench] profile of one batch: {out}", file=sys.stderr)
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -638,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write reports/benchmarks/<device>_<model>.md")
     p.add_argument("--table-dir", default=str(ROOT / "reports" / "benchmarks"))
     p.add_argument("--tag", default="", help="suffix of the table's file name (<device>_<model><tag>.md)")
+    p.add_argument("--profile", default=None, metavar="FILE.json",
+                   help="after the timed runs, profile one steady-state batch of the fast path with "
+                        "torch.profiler and write its top kernels (self device time) to this file")
     return p
 
 
@@ -793,6 +819,10 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(rec)
         print(json.dumps(rec), flush=True)
 
+    if args.profile and fast is not None:
+        one = CacheConfig(families=families, steps=args.steps, batch_size=args.batch_size,
+                          chunk_size=args.batch_size, score_error=ScoreErrorConfig(seed=args.seed))
+        profile_batch(lambda: study_run(fast, x0[: args.batch_size], one), device, Path(args.profile))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in lines))

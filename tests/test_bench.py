@@ -43,3 +43,35 @@ def test_bench_tiny_cpu(tmp_path):
     assert [json.loads(ln) for ln in out.read_text().splitlines()] == recs
     table = (tmp_path / "cpu_tiny.md").read_text()
     assert "| reference |" in table and "| unet_only |" in table
+
+
+def test_gpu_check_reads_targets_per_batch_size():
+    """The prepared GPU check's verdict: fast ≥ 11,000 UNet evaluations/s and ≥ 0.85 of the bare
+    network in the same run, per batch size."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import targets
+
+    rows = [{"path": "fast", "batch_size": 256, "nfe_per_s": 11500.0, "max_rel_feature_diff": 1e-3},
+            {"path": "unet_only", "batch_size": 256, "nfe_per_s": 13000.0},
+            {"path": "fast", "batch_size": 512, "nfe_per_s": 11500.0, "max_rel_feature_diff": 1e-3},
+            {"path": "unet_only", "batch_size": 512, "nfe_per_s": 14000.0},
+            {"path": "reference", "batch_size": 256, "nfe_per_s": 2500.0}]
+    got = targets(rows)
+    assert got["batch_256"]["met"] and got["batch_256"]["share_of_unet_only"] == round(11500 / 13000, 3)
+    assert not got["batch_512"]["met"]  # 0.82 of the bare network
+    assert not targets([{"path": "fast", "batch_size": 8, "nfe_per_s": 10999.0}])["batch_8"]["met"]
+
+
+def test_bench_profile_writes_top_operators(tmp_path):
+    cmd = [sys.executable, str(BENCH), "--model", "tiny", "--device", "cpu", "--batch-size", "2",
+           "--n-images", "2", "--steps", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+           "--paths", "fast", "--profile", str(tmp_path / "prof.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prof = json.loads((tmp_path / "prof.json").read_text())
+    assert prof["device"] == "cpu" and prof["top"] and prof["total_us"] > 0
+    assert any("conv" in r["name"] for r in prof["top"])
+    shares = [r["share"] for r in prof["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-3
