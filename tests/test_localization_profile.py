@@ -59,6 +59,23 @@ def test_each_profile_sees_only_its_own_stages():
             assert path.startswith(("data/paper_localization/", "reports/paper_localization/")), path
 
 
+def test_each_stage_depends_on_exactly_the_code_it_runs(tmp_path):
+    """As tests/test_architecture.py checks the study's dvc.yaml, with the standard library's import
+    finder: the profile's stages depend on exactly what `python -m diffpath.study` and their
+    notebooks run."""
+    from test_architecture import PACKAGE, _notebook_script, _runs
+
+    entry = _runs(PACKAGE / "study" / "__main__.py")
+    stages = yaml.safe_load(dvc_yaml(ROOT, PAPER_LOCALIZATION_STAGES, PAPER_LOCALIZATION_HEADER))["stages"]
+    for name, st in stages.items():
+        st = st.get("do", st)
+        deps = {d for d in st["deps"] if d.startswith("diffpath/")}
+        notebook = next(d for d in st["deps"] if d.startswith("notebooks/"))
+        runs = entry | _runs(_notebook_script(ROOT / notebook, tmp_path))
+        assert deps == runs, f"stage {name}: depends on {sorted(deps - runs)} it does not run, " \
+                             f"runs {sorted(runs - deps)} it does not depend on"
+
+
 def test_the_profiles_notebooks_open_with_its_parameters():
     params = load_params(TEMPLATE)
     for name, st in PAPER_LOCALIZATION_STAGES.items():

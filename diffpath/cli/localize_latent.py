@@ -150,17 +150,20 @@ def _localize(ld, features, x0: np.ndarray, eval_u8: np.ndarray, args: argparse.
     from diffpath.methods.maps import anomaly_maps, gaussian_smooth
     from diffpath.scoring.anomaly_metrics import pooled_max_scores
 
+    from diffpath.cli.options import DEFAULT_BATCH_SIZE
+
     plan = RoundTripSpec(args.round_trip).plan(ld.scheduler_config)
+    batch = 8 if args.batch_size == DEFAULT_BATCH_SIZE else args.batch_size  # Stable Diffusion at 512²: 8 by default
     cond = ld.prompt_embeddings(template, args.class_name or "")
     uncond = ld.embed([""]) if args.guidance != 1.0 else None
     E, sigma, dev, maps = args.eval_size, _sigma(args), ld.device, []
-    for lo in range(0, len(x0), args.batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(x0[lo:lo + args.batch_size])).to(dev)
+    for lo in range(0, len(x0), batch):
+        x = torch.from_numpy(np.ascontiguousarray(x0[lo:lo + batch])).to(dev)
         res = latent_round_trip(ld, x, plan, cond=cond, uncond=uncond, guidance_scale=args.guidance,
                                 generator=batch_generator(args.seed, lo, dev))
         rec = torch.nn.functional.interpolate(to_uint8(res.x_hat.flatten(0, 1)).movedim(-1, 1).float(), size=(E, E),
                                               mode="bilinear", antialias=True).round() / 127.5 - 1
-        xe = torch.from_numpy(eval_u8[lo:lo + args.batch_size]).to(dev).movedim(-1, 1).float() / 127.5 - 1
+        xe = torch.from_numpy(eval_u8[lo:lo + batch]).to(dev).movedim(-1, 1).float() / 127.5 - 1
         xe = xe.repeat(res.x_hat.shape[0], 1, 1, 1)
         if args.map == "dino":
             m = dino_distance_map(features, xe, rec, sigma=sigma)

@@ -103,9 +103,10 @@ def missing(name: str, root: str | Path, categories: Sequence[str] | None = None
     spec, root = _spec(name), Path(root)
     cats = list(categories) if categories else list(spec.categories)
     where = spec.how.format(url=spec.url, root=root)
-    layout_file = root / "split_csv" / "1cls.csv" if name == "visa" else root
-    if not layout_file.exists():
-        return [f"data: {name} is not in {root} (expected {layout_file}). To fix: {where}"]
+    layout_file = root / "split_csv" / "1cls.csv" if name == "visa" else root / cats[0] / "test"
+    if not layout_file.exists() and not (name == "mvtec" and root.is_dir() and any(root.iterdir())):
+        return [f"data: {name} is not in {root} (expected {layout_file}{'' if name == 'visa' else '/'}). "
+                f"To fix: {where}"]
     return [f"data: {name}: {p}. To fix: {where}" for p in _missing_files(name, root, cats)]
 
 

@@ -72,7 +72,7 @@ def check(params: dict[str, Any], *, require_gpu: bool = True) -> tuple[dict[str
 
         if not torch.cuda.is_available():
             problems.append("device: the localisation paper profile needs a CUDA GPU (Stable Diffusion at 512², "
-                            "about 320 UNet evaluations per test image over its rows, ~3,900 images); run "
+                            "322 UNet evaluations per test image over the default rows, 3,887 test images); run "
                             "`make paper-localization NO_GPU=1` to run it on the CPU anyway")
     return found, problems
 
