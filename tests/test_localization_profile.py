@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -85,6 +86,27 @@ def test_the_profiles_notebooks_open_with_its_parameters():
         wrong = {k: (defaults.get(k, "<missing>"), v) for k, v in stage_defaults(name, params).items()
                  if defaults.get(k, "<missing>") != v}
         assert not wrong, f"{st.notebook}: run `python -m diffpath.study.pipeline --sync-notebooks` ({wrong})"
+
+
+def test_reconstruct_reuses_a_finished_category_only_for_the_same_images_model_and_settings(tmp_path):
+    from diffpath.data.industrial import prepare
+    from diffpath.methods.divad import RoundTripSpec
+    from diffpath.methods.latent import DIVAD_PROMPT, LatentDiffusion
+    from diffpath.study.industrial import reconstruct
+
+    write_fake_mvtec(tmp_path / "mvtec", categories=("bottle",), n_good=1, n_bad=1)
+    prepare("mvtec", tmp_path / "mvtec", tmp_path / "prep", categories=["bottle"], model_size=16, eval_size=16)
+    ld = LatentDiffusion.from_pretrained(write_tiny_stable_diffusion(tmp_path / "sd", image_size=16))
+    specs = {"vae": RoundTripSpec("vae"), "stochastic": RoundTripSpec("stochastic", steps=2, draws=2)}
+    kw = {"prompt": DIVAD_PROMPT, "guidance_scale": 3.5, "vae": "mean", "batch_size": 4, "eval_size": 16}
+    logs: list[str] = []
+    for out, seed in (("a", 0), ("b", 0), ("c", 1)):  # an interrupted run's rerun reuses; a new seed does not
+        reconstruct(ld, tmp_path / "prep", tmp_path / out, tmp_path / "work", specs, log=logs.append, seed=seed,
+                    **kw)
+    assert [ln.split(": ")[1].split(" ")[0] for ln in logs] == ["2", "reused", "2"]
+    a, b, c = (dict(np.load(tmp_path / o / "bottle.npz")) for o in "abc")
+    assert a["rec_stochastic"].shape == (2, 2, 16, 16, 3) and a["rec_stochastic"].dtype == np.uint8
+    assert all(np.array_equal(a[k], b[k]) for k in a) and not np.array_equal(a["rec_stochastic"], c["rec_stochastic"])
 
 
 # --------------------------------------------------------------------------------------------

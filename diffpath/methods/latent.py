@@ -165,6 +165,18 @@ class LatentDiffusion:
                    scaling_factor=float(getattr(parts["vae"].config, "scaling_factor", 0.18215)),
                    scheduler_config=cfg, **parts)
 
+    def fingerprint(self) -> str:
+        """A short hash of the VAE's, UNet's and text encoder's weights and of the scheduler's
+        configuration: identifies the model itself, not where it was loaded from."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.scheduler_config, sort_keys=True, default=str).encode())
+        for part in (self.vae, self.unet, self.text_encoder):
+            for name, tensor in sorted(part.state_dict().items()) if part is not None else ():
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     @property
     def image_size(self) -> int:
         """The pixel size the UNet was trained at: its latent size × the VAE's downsampling."""

@@ -104,13 +104,13 @@ def _fingerprint(arrays: Mapping[str, np.ndarray], settings: Mapping[str, Any]) 
 
 
 def reconstruct(ld: LatentDiffusion, prepared_dir: str | Path, out_dir: str | Path, work_dir: str | Path,
-                specs: Mapping[str, RoundTripSpec], *, model_id: str, eval_size: int, log: Any = print,
-                **settings: Any) -> None:
+                specs: Mapping[str, RoundTripSpec], *, eval_size: int, log: Any = print, **settings: Any) -> None:
     """:func:`reconstruct_category` for every category of ``prepared_dir``, kept in ``work_dir``
-    (reused when its fingerprint matches: same images, model and settings) and copied to
+    (reused when its fingerprint matches: same images, model weights and settings) and copied to
     ``out_dir``. ``settings``: prompt, guidance_scale, vae, seed, batch_size."""
     work, out = Path(work_dir), Path(out_dir)
     rows = {n: s.to_dict() for n, s in specs.items()}
+    model_id = ld.fingerprint()
     for cat in categories(prepared_dir):
         arrays = read_npz(Path(prepared_dir) / f"{cat}.npz", ("images",))
         fp = _fingerprint(arrays, {"model": model_id, "rows": rows, "eval_size": eval_size, **settings})
