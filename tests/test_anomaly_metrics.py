@@ -5,13 +5,13 @@ curve and DIVAD's 200-threshold version, each recomputed here by a plain loop ov
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from skimage import measure
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
 from diffpath.scoring.anomaly_metrics import (
-    benchmark_metrics,
     category_metrics,
     flipped,
     pixel_ap,
@@ -103,6 +103,11 @@ def test_category_metrics_never_flip_and_the_mean_skips_undefined_values():
     assert bad["pixel_auroc_flipped"] == pytest.approx(good["pixel_auroc"]) and flipped(0.3) == pytest.approx(0.7)
     normal_only = category_metrics(maps[:3], masks[:3], pooled_max_scores(maps[:3]))
     assert np.isnan(normal_only["image_auroc"]) and np.isnan(normal_only["pro"])
-    rows = benchmark_metrics({"a": good, "b": bad, "c": normal_only})
-    assert [r["category"] for r in rows] == ["a", "b", "c", "mean"]
-    assert rows[-1]["pro"] == pytest.approx((good["pro"] + bad["pro"]) / 2)
+    from diffpath.study.industrial_report import with_means
+
+    per = pd.DataFrame([{"row": "r", "map": "dino", "category": c, "n": 6, "n_anomalous": 3, **m}
+                        for c, m in (("a", good), ("b", bad), ("c", normal_only))])
+    table = with_means(per)
+    assert table["category"].tolist() == ["a", "b", "c", "mean"]
+    assert table["pro"].iloc[-1] == pytest.approx((good["pro"] + bad["pro"]) / 2)  # c's NaN left out
+    assert table["n"].iloc[-1] == 18

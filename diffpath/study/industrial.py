@@ -69,7 +69,7 @@ def row_costs(specs: Mapping[str, RoundTripSpec], scheduler_config: Mapping[str,
         p = spec.plan(scheduler_config)
         mult = 1 if guidance_scale == 1.0 else 2
         out.append({"row": name, "kind": p.kind, "latent_level": p.latent_level, "sample_from": p.sample_from,
-                    "unet_evals": p.nfe(guidance_scale), "vae_evals": 2 if p.kind == "vae" else p.vae_evals(),
+                    "unet_evals": p.nfe(guidance_scale), "vae_evals": p.vae_evals(),
                     "reference_unet_evals": None if p.reference_steps is None else p.reference_steps * mult})
     return pd.DataFrame(out)
 
