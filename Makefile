@@ -23,7 +23,7 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --qui
 	--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 	$(LOCK_ARGS)
 
-.PHONY: setup setup-gpu system-deps repro test test-slow paper lab lock clean-venv
+.PHONY: setup setup-gpu system-deps repro test test-slow paper paper-localization lab lock clean-venv
 
 # Installs the lock and nothing else (--no-deps: pip resolves nothing; --require-hashes:
 # every file is checked), then the project itself. The stamp records the lock's sha256:
@@ -67,6 +67,14 @@ test-slow: setup
 ## Options: NO_GPU=1, MODEL=<local .pt | diffusers folder | hub id | zoo name>, DATA_ROOT=<folder>
 paper: setup
 	$(PY) -m diffpath.study.profiles paper $(if $(NO_GPU),--no-gpu) $(if $(MODEL),--model "$(MODEL)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+## the localisation paper profile: DIVAD on MVTec AD and VisA (needs the data sets on disk, the internet for
+## the weights, a GPU; see README): checks, switches params.yaml/dvc.yaml/dvc.lock, then repro; offline it
+## lists what is missing. Options: NO_GPU=1, MODEL=<Stable Diffusion hub id | folder>, DINO=<ViT hub id |
+## folder>, DATA_ROOT=<folder holding mvtec_anomaly_detection/ and VisA_20220922/>
+paper-localization: setup
+	$(PY) -m diffpath.study.profiles paper-localization $(if $(NO_GPU),--no-gpu) $(if $(MODEL),--model "$(MODEL)") $(if $(DINO),--dino "$(DINO)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 ## JupyterLab on notebooks/, with the project's kernel "Python (diffpath)" (.venv's Python)

@@ -53,7 +53,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_SPEC["steps"], help="DDIM steps per walk")
     p.add_argument("--draws", type=int, default=DEFAULT_SPEC["draws"], help="stochastic round trips")
     p.add_argument("--reduce", default=DEFAULT_SPEC["reduce"], choices=["maps", "reconstruction"])
-    p.add_argument("--map", default="pixel", choices=["pixel", "ssim", "feature"], help="map kind")
+    p.add_argument("--map", default="pixel", choices=["pixel", "ssim", "feature", "dino"],
+                   help="map kind (dino: DIVAD's DINO feature map, Stable Diffusion models only)")
     p.add_argument("--smooth-sigma", type=float, default=None, metavar="PX",
                    help="Gaussian smoothing of the maps in model pixels; default 4·S/256 for an S-pixel "
                    "model (DIVAD's 4 px at 256 px); 0 turns it off. The study's table uses 3 px at 32 px, "
@@ -62,6 +63,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resize", default="auto", choices=RESIZE_MODES)
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
     options.add_run(p, chunks=False)
+    from diffpath.cli.localize_latent import add_options
+
+    add_options(p)
     p.set_defaults(handler=_cmd_localize)
 
 
@@ -100,13 +104,32 @@ def _safe_stem(p: Path) -> str:
     return stem[:60] or "image"
 
 
+def input_paths(args: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """The checked ``--out`` folder and the input images (never files inside ``--out``)."""
+    from diffpath.data.files import NoImagesError, find_images
+    from diffpath.io import check_writable
+
+    out = check_writable(args.out, folder=True)
+    _check_out(out)
+    mine = {str(out)}
+    paths = [p for p in find_images(args.images) if not os.path.abspath(p).startswith(str(out) + os.sep)
+             and os.path.abspath(p) not in mine]
+    if not paths:
+        raise NoImagesError("no images to localise")
+    return out, paths
+
+
 def _cmd_localize(args: argparse.Namespace) -> None:
     import torch
 
-    from diffpath.data.files import NoImagesError, Preprocessing, find_images, load_images, read_image
-    from diffpath.io import atomic_folder, check_writable
+    from diffpath.cli import localize_latent
+    from diffpath.data.files import Preprocessing, load_images
     from diffpath.methods.localization import MapSpec, localize, to_image_grid
 
+    if localize_latent.wanted(args):
+        return localize_latent.run(args, input_paths=input_paths, write_outputs=write_outputs, gray=_gray)
+    if args.map == "dino":
+        raise CLIError("--map dino needs a Stable Diffusion model (--model FOLDER_OR_REPO --prompt ...)")
     run = options.pass_options(args)
     if args.smooth_sigma is not None and not args.smooth_sigma >= 0:
         raise CLIError(f"--smooth-sigma must be 0 or more pixels, got {args.smooth_sigma}")
@@ -115,13 +138,7 @@ def _cmd_localize(args: argparse.Namespace) -> None:
                        reduce=args.reduce, maps=(args.map,))
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
-    out = check_writable(args.out, folder=True)
-    _check_out(out)
-    mine = {str(out)}
-    paths = [p for p in find_images(args.images) if not os.path.abspath(p).startswith(str(out) + os.sep)
-             and os.path.abspath(p) not in mine]
-    if not paths:
-        raise NoImagesError("no images to localise")
+    out, paths = input_paths(args)
     model = run.load_model(args.model)
     prep = Preprocessing(size=int(model.image_size), channels=int(model.channels), resize=args.resize)
     loaded = load_images(paths, prep, strict=args.strict)
@@ -132,26 +149,43 @@ def _cmd_localize(args: argparse.Namespace) -> None:
     model_maps = res.maps[args.map]
     per_image = []
     for i, p in enumerate(loaded.paths):
-        pix = read_image(p)
-        gray = pix if pix.ndim == 2 else (pix[..., :3] @ np.array([0.299, 0.587, 0.114])).round().astype(np.uint8)
+        gray = _gray(p)
         per_image.append((gray, to_image_grid(model_maps[i : i + 1], gray.shape)[0]))
+    write_outputs(out, loaded.paths, per_image, res.scores[args.map], {
+        "model": str(args.model), "settings": res.settings, "unet_evaluations_per_image": res.nfe,
+        "skipped": [[str(f), r] for f, r in loaded.skipped]})
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    print(f"wrote {args.out}: {len(per_image)} images localised ({len(loaded.skipped)} skipped), "
+          f"{res.nfe:g} UNet evaluations per image", file=sys.stderr)
+
+
+def _gray(path: Path) -> np.ndarray:
+    """The image at ``path`` as (H, W) uint8 gray (ITU-R 601 luma of colour images)."""
+    from diffpath.data.files import read_image
+
+    pix = read_image(path)
+    return pix if pix.ndim == 2 else (pix[..., :3] @ np.array([0.299, 0.587, 0.114])).round().astype(np.uint8)
+
+
+def write_outputs(out: Path, paths: list[Path], per_image: list[tuple[np.ndarray, np.ndarray]],
+                  scores: np.ndarray, info: dict) -> None:
+    """Write the folder (module docstring) atomically: per image its (gray (H, W) uint8, map (H, W)
+    float) pair, its score; ``info`` goes into ``localize.json`` with the counts and the colour scale."""
+    from diffpath.io import atomic_folder
+
     vmax = float(np.quantile(np.concatenate([m.ravel() for _, m in per_image]), 0.999)) or 1.0
     rows = []
     with atomic_folder(out) as tmp:
-        for i, (p, (gray, amap)) in enumerate(zip(loaded.paths, per_image)):
+        for i, (p, (gray, amap)) in enumerate(zip(paths, per_image)):
             name = f"{i:04d}_{_safe_stem(p)}"
             np.save(tmp / f"{name}_map.npy", amap.astype(np.float32))
             (tmp / f"{name}_overlay.png").write_bytes(_overlay_png(gray, amap, vmax))
-            rows.append({"index": i, "path": str(p), "score": f"{float(res.scores[args.map][i]):.6g}",
+            rows.append({"index": i, "path": str(p), "score": f"{float(scores[i]):.6g}",
                          "map": f"{name}_map.npy", "overlay": f"{name}_overlay.png"})
         with open(tmp / "scores.csv", "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        (tmp / "localize.json").write_text(json.dumps({
-            "model": str(args.model), "settings": res.settings, "unet_evaluations_per_image": res.nfe,
-            "n_images": len(rows), "skipped": [[str(f), r] for f, r in loaded.skipped],
-            "overlay_vmax": vmax}, indent=2, default=str) + "\n")
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    print(f"wrote {args.out}: {len(rows)} images localised ({len(loaded.skipped)} skipped), "
-          f"{res.nfe:g} UNet evaluations per image", file=sys.stderr)
+        meta = {**{k: v for k, v in info.items() if k != "skipped"}, "n_images": len(rows),
+                "skipped": info.get("skipped", []), "overlay_vmax": vmax}
+        (tmp / "localize.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -66,6 +66,9 @@ __all__ = [
     "synthetic_anomalies",
     "load_mvtec",
     "load_visa",
+    "AnomalyFile",
+    "mvtec_files",
+    "visa_files",
 ]
 
 SYNTHETIC_BASES: tuple[str, ...] = ("fashion_mnist", "mnist")
@@ -311,19 +314,38 @@ def _read_mask(path: Path | None, size: int) -> np.ndarray:
         return np.asarray(im.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 0
 
 
-def _assemble(name: str, items: list[tuple[Path, Path | None, int, str, int]], class_names: Sequence[str], size: int) -> AnomalySet:
+@dataclass(frozen=True)
+class AnomalyFile:
+    """One test image of a real benchmark, as its release lays it out.
+
+    Attributes:
+        image: the image file.
+        mask: its ground-truth mask file (None for a normal image).
+        label: 1 anomalous, 0 normal.
+        defect: the defect folder (``good`` for normal MVTec images) or VisA's label.
+        category: the object category (the folder under the root, VisA's ``object``).
+    """
+
+    image: Path
+    mask: Path | None
+    label: int
+    defect: str
+    category: str
+
+
+def _assemble(name: str, items: list[AnomalyFile], class_names: Sequence[str], size: int) -> AnomalySet:
     if not items:
         raise FileNotFoundError(f"{name}: no test images found")
-    images = np.stack([_read_rgb(p, size) for p, *_ in items])
-    masks = np.stack([_read_mask(m, size) for _, m, *_ in items])
+    images = np.stack([_read_rgb(f.image, size) for f in items])
+    masks = np.stack([_read_mask(f.mask, size) for f in items])
     return AnomalySet(
         name=name,
         images=images,
         masks=masks,
-        labels=np.asarray([lab for _, _, lab, _, _ in items], dtype=np.int64),
-        classes=np.asarray([c for *_, c in items], dtype=np.int64),
+        labels=np.asarray([f.label for f in items], dtype=np.int64),
+        classes=np.asarray([list(class_names).index(f.category) for f in items], dtype=np.int64),
         class_names=tuple(class_names),
-        sources=np.asarray([d for _, _, _, d, _ in items]).astype(str),
+        sources=np.asarray([f.defect for f in items]).astype(str),
         originals=images,
         boxes=np.full((len(items), 4), -1, dtype=np.int64),
     )
@@ -335,9 +357,9 @@ def _categories(root: Path, categories: str | Sequence[str] | None) -> list[str]
     return [categories] if isinstance(categories, str) else list(categories)
 
 
-def _mvtec_like(root: Path, cats: list[str], name: str, mask_suffix: str, size: int) -> AnomalySet:
-    items: list[tuple[Path, Path | None, int, str, int]] = []
-    for ci, cat in enumerate(cats):
+def _mvtec_like_files(root: Path, cats: list[str], name: str, mask_suffix: str) -> list[AnomalyFile]:
+    items: list[AnomalyFile] = []
+    for cat in cats:
         test = root / cat / "test"
         if not test.is_dir():
             raise FileNotFoundError(f"{test}: missing (expected {name} layout root/<category>/test/<defect>/)")
@@ -351,8 +373,36 @@ def _mvtec_like(root: Path, cats: list[str], name: str, mask_suffix: str, size: 
                     mask = next((c for c in cands if c.is_file()), None)
                     if mask is None:
                         raise FileNotFoundError(f"{img}: no ground-truth mask (looked for {cands[0]})")
-                items.append((img, mask, int(not normal), defect, ci))
-    return _assemble(name, items, cats, size)
+                items.append(AnomalyFile(img, mask, int(not normal), defect, cat))
+    return items
+
+
+def mvtec_files(root: str | Path, categories: str | Sequence[str] | None = None) -> list[AnomalyFile]:
+    """The MVTec AD test images and their masks (layout: the module docstring), category by
+    category, defects and files sorted by name. ``categories``: one, several, or None for every
+    folder with a ``test/`` inside."""
+    root = Path(root)
+    return _mvtec_like_files(root, _categories(root, categories), "mvtec", "_mask")
+
+
+def visa_files(root: str | Path, categories: str | Sequence[str] | None = None) -> list[AnomalyFile]:
+    """The VisA test images and their masks, from ``split_csv/1cls.csv`` (in its row order) or,
+    without that file, an MVTec-like layout."""
+    root = Path(root)
+    table = root / "split_csv" / "1cls.csv"
+    if not table.is_file():
+        return _mvtec_like_files(root, _categories(root, categories), "visa", "")
+    with table.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("split", "").strip() == "test"]
+    cats = sorted({r["object"] for r in rows}) if categories is None else _categories(root, categories)
+    items: list[AnomalyFile] = []
+    for r in rows:
+        if r["object"] not in cats:
+            continue
+        anomalous = r["label"].strip().lower() == "anomaly"
+        mask = (root / r["mask"].strip()) if anomalous and r.get("mask", "").strip() else None
+        items.append(AnomalyFile(root / r["image"].strip(), mask, int(anomalous), r["label"].strip(), r["object"]))
+    return items
 
 
 def load_mvtec(root: str | Path, categories: str | Sequence[str] | None = None, *, size: int = 256) -> AnomalySet:
@@ -363,26 +413,12 @@ def load_mvtec(root: str | Path, categories: str | Sequence[str] | None = None, 
         categories: one category, several, or None for every folder with a ``test/`` inside.
         size: output side (bilinear for images, nearest for masks).
     """
-    root = Path(root)
-    return _mvtec_like(root, _categories(root, categories), "mvtec", "_mask", size)
+    cats = _categories(Path(root), categories)
+    return _assemble("mvtec", mvtec_files(root, cats), cats, size)
 
 
 def load_visa(root: str | Path, categories: str | Sequence[str] | None = None, *, size: int = 256) -> AnomalySet:
     """VisA test images and masks, from ``split_csv/1cls.csv`` or an MVTec-like layout."""
-    root = Path(root)
-    table = root / "split_csv" / "1cls.csv"
-    if not table.is_file():
-        return _mvtec_like(root, _categories(root, categories), "visa", "", size)
-    with table.open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("split", "").strip() == "test"]
-    cats = sorted({r["object"] for r in rows}) if categories is None else (
-        [categories] if isinstance(categories, str) else list(categories)
-    )
-    items: list[tuple[Path, Path | None, int, str, int]] = []
-    for r in rows:
-        if r["object"] not in cats:
-            continue
-        anomalous = r["label"].strip().lower() == "anomaly"
-        mask = (root / r["mask"].strip()) if anomalous and r.get("mask", "").strip() else None
-        items.append((root / r["image"].strip(), mask, int(anomalous), r["label"].strip(), cats.index(r["object"])))
+    items = visa_files(root, categories)
+    cats = sorted({f.category for f in items}) if categories is None else _categories(Path(root), categories)
     return _assemble("visa", items, cats, size)

@@ -1,29 +1,33 @@
-"""Optional: the Stable Diffusion (latent) variant of the localisation reconstruction, DIVAD's setting.
+"""The Stable Diffusion (latent) variant of the localisation reconstruction, DIVAD's setting.
 
 DIVAD runs the invert-then-denoise reconstruction in the latent space of Stable Diffusion with the
-text prompt ``"an image of a {class}"``:
+text prompt ``"An image of a {class}"`` (:data:`DIVAD_PROMPT`):
 
-1. encode the image with the VAE: z0 = scaling_factor · E(x0) (the posterior *mean* here, so the
-   result is deterministic; DIVAD samples from the posterior);
-2. DDIM-invert z0 to ``t0`` and denoise it back with the text-conditioned UNet, on the same
-   timesteps both ways (:func:`diffpath.methods.localization.reconstruct`, no x̂0 clipping in latent space);
+1. encode the image with the VAE: z0 = scaling_factor · E(x0) (the posterior *mean* by default, so
+   the result is deterministic; DIVAD samples from the posterior without a seed);
+2. DDIM-invert z0 and denoise it back with the text-conditioned UNet: here on the same timesteps
+   both ways (:func:`latent_reconstruct`, through :func:`diffpath.methods.localization.reconstruct`,
+   no x̂0 clipping in latent space); DIVAD's own schedules, mismatched as its code runs them, and
+   their matched variant: :mod:`diffpath.methods.divad`;
 3. decode: x̂0 = D(ẑ0 / scaling_factor), clamped to [-1, 1].
 
-The pixel / SSIM maps of :mod:`diffpath.methods.localization` then compare x0 with x̂0 as for pixel-space
-models. With ``guidance_scale`` ≠ 1, classifier-free guidance is applied at every step
-(ε = ε_u + s·(ε_c − ε_u), DIVAD uses s = 3.5 with an empty negative prompt), which doubles the
-UNet evaluations.
+The maps of :mod:`diffpath.methods.maps` (pixel, SSIM) and :mod:`diffpath.methods.dino` (DINO
+features) then compare x0 with x̂0. With ``guidance_scale`` ≠ 1, classifier-free guidance is applied
+at every step (ε = ε_u + s·(ε_c − ε_u); DIVAD uses s = 3.5 with an empty negative prompt), which
+doubles the UNet evaluations.
 
-Loading a real Stable Diffusion checkpoint (:meth:`LatentDiffusion.from_pretrained`) needs the
-``transformers`` package (CLIP text encoder) and the weights on disk or the internet; everything
-else works with any diffusers ``AutoencoderKL`` + ``UNet2DConditionModel`` and precomputed text
+:meth:`LatentDiffusion.from_pretrained` loads a diffusers Stable Diffusion folder or hub id
+component by component (``transformers`` for the CLIP text encoder and tokenizer); everything else
+works with any diffusers ``AutoencoderKL`` + ``UNet2DConditionModel`` and precomputed text
 embeddings (the tests build tiny random ones in code).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +38,8 @@ from diffpath.methods.localization import reconstruct
 
 __all__ = [
     "PROMPT_TEMPLATE",
+    "DIVAD_PROMPT",
+    "prompt_for",
     "ConditionalEps",
     "LatentDiffusion",
     "LatentReconstruction",
@@ -41,6 +47,16 @@ __all__ = [
 ]
 
 PROMPT_TEMPLATE = "an image of a {}"
+#: DIVAD's prompt (``ddim_inversion.py``: ``f"An image of a {cl}"`` with the category's folder name;
+#: CLIP's tokenizer lower-cases it)
+DIVAD_PROMPT = "An image of a {class}"
+
+
+def prompt_for(template: str, name: str = "") -> str:
+    """``template`` with ``{class}`` (or ``{}``) replaced by ``name``, e.g. ``"An image of a screw"``."""
+    if ("{class}" in template or "{}" in template) and not name:
+        raise ValueError(f"the prompt {template!r} needs a class name")
+    return template.replace("{class}", name).replace("{}", name)
 
 
 class ConditionalEps:
@@ -111,25 +127,71 @@ class LatentDiffusion:
     tokenizer: Any = None
     text_encoder: Any = None
 
+    #: the scheduler's configuration (``scheduler/scheduler_config.json``): DIVAD's timestep grids
+    scheduler_config: dict[str, Any] = field(default_factory=dict)
+
     @classmethod
-    def from_pretrained(cls, spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LatentDiffusion:
+    def from_pretrained(cls, spec: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> LatentDiffusion:
         """Load a Stable Diffusion folder or hub id (e.g. ``stabilityai/stable-diffusion-2-1-base``,
-        DIVAD's model). Needs ``transformers``; the weights must be on disk or downloadable."""
+        DIVAD's model; fetched by :func:`diffpath.models.hub.stable_diffusion_folder`) component by
+        component: VAE, UNet, CLIP text encoder and tokenizer, and the scheduler's configuration
+        (ε-prediction only, as DIVAD's update rule)."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from diffpath.models import ModelLoadError
+        from diffpath.models.hub import stable_diffusion_folder
+
+        folder = stable_diffusion_folder(spec)
+        cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        if cfg.get("prediction_type", "epsilon") != "epsilon":
+            raise ModelLoadError(f"{spec}: predicts {cfg['prediction_type']!r}; the latent round trip needs an "
+                                 "ε-prediction model (Stable Diffusion 2.1-base, 1.5, ...)")
         try:
-            from diffusers import StableDiffusionPipeline
-            import transformers  # noqa: F401
-        except ImportError as exc:
-            raise ImportError("the Stable Diffusion variant needs `pip install transformers`") from exc
-        pipe = StableDiffusionPipeline.from_pretrained(spec, torch_dtype=dtype)
-        pipe.to(device)
-        return cls(
-            vae=pipe.vae.eval(),
-            unet=pipe.unet.eval(),
-            schedule=NoiseSchedule.from_diffusers_config(dict(pipe.scheduler.config)),
-            scaling_factor=float(getattr(pipe.vae.config, "scaling_factor", 0.18215)),
-            tokenizer=pipe.tokenizer,
-            text_encoder=pipe.text_encoder.eval(),
-        )
+            parts = {
+                "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype,
+                                                     low_cpu_mem_usage=False),
+                "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype,
+                                                             low_cpu_mem_usage=False),
+                "text_encoder": CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
+                "tokenizer": CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            }
+        except Exception as exc:  # diffusers / transformers raise many kinds
+            raise ModelLoadError(f"{folder}: cannot load the Stable Diffusion components: {exc}") from exc
+        for name in ("vae", "unet", "text_encoder"):
+            parts[name] = parts[name].to(device).eval()
+        return cls(schedule=NoiseSchedule.from_diffusers_config(cfg),
+                   scaling_factor=float(getattr(parts["vae"].config, "scaling_factor", 0.18215)),
+                   scheduler_config=cfg, **parts)
+
+    def fingerprint(self) -> str:
+        """A short hash of the VAE's, UNet's and text encoder's weights and of the scheduler's
+        configuration: identifies the model itself, not where it was loaded from."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps(self.scheduler_config, sort_keys=True, default=str).encode())
+        for part in (self.vae, self.unet, self.text_encoder):
+            for name, tensor in sorted(part.state_dict().items()) if part is not None else ():
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def image_size(self) -> int:
+        """The pixel size the UNet was trained at: its latent size × the VAE's downsampling."""
+        s = self.unet.config.sample_size
+        return int(s if isinstance(s, int) else s[0]) * 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def prompt_embeddings(self, template: str, name: str = "") -> torch.Tensor:
+        """(1, L, D) embeddings of ``template`` with ``{class}`` replaced by ``name``
+        (:func:`prompt_for`)."""
+        return self.embed([prompt_for(template, name)])
 
     @torch.no_grad()
     def embed(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 
 from diffpath.study.layout import StageInputError
 from diffpath.study.runner import apply_overrides, render_html, run_stage
-from diffpath.study.stages import STAGES, load_params
+from diffpath.study.stages import PIPELINES, load_params
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffpath.study", description=__doc__.split("\n")[0])
-    ap.add_argument("stage", nargs="?", help=f"one of: {', '.join(STAGES)}")
+    ap.add_argument("stage", nargs="?", help=f"one of: {', '.join(n for s in PIPELINES.values() for n in s)}")
     ap.add_argument("item", nargs="?", help="the foreach item (data set) of data/errors")
     ap.add_argument("--params", default="params.yaml", help="parameters file (default params.yaml)")
     ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the stages and their parameters")
     args = ap.parse_args(argv)
     if args.list or not args.stage:
-        for name, st in STAGES.items():
+        for name, st in ((n, s) for stages in PIPELINES.values() for n, s in stages.items()):
             print(f"{name:16s} {st.notebook:36s} params: {', '.join(st.params)}"
                   + (f"  foreach: {st.item}" if st.item else ""))
         return 0

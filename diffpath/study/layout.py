@@ -9,6 +9,7 @@ artifact                       path
 =============================  ==================================================================
 prepared images                ``data/prepared/<set>/<split>.npz``
 error cache                    ``data/errors/<set>/<split>.npz``
+latent round trips             ``data/reconstructions/<benchmark>/<category>.npz``
 resumable work of a stage      ``data/.work/<stage>/...`` (outside every DVC output, git-ignored)
 fitted scorers                 ``data/scorers/<in>/<method>.*`` and ``data/scorers/summary.json``
 test scores                    ``data/scores/<in>.npz``
@@ -142,6 +143,25 @@ class Layout:
 
     def localization_json(self) -> Path:
         return self._r("localization.json")
+
+    # the localisation paper profile (MVTec AD, VisA) ---------------------------------------------
+    def reconstructions_dir(self, benchmark: str) -> Path:
+        """Stable Diffusion round trips of a benchmark's test images, one ``<category>.npz`` each."""
+        return self._d("reconstructions", benchmark)
+
+    def industrial_dir(self) -> Path:
+        return self._r("industrial")
+
+    def industrial_csv(self, benchmark: str) -> Path:
+        """Metrics per (row, map, category) of one benchmark, with the category mean."""
+        return self.industrial_dir() / f"{benchmark}.csv"
+
+    def industrial_summary_csv(self) -> Path:
+        """The means of every benchmark beside DIVAD's published figures."""
+        return self._r("industrial.csv")
+
+    def industrial_json(self) -> Path:
+        return self._r("industrial.json")
 
     def timesteps_csv(self) -> Path:
         """AUROC per (feature family, window of timesteps, pair): :mod:`diffpath.study.timesteps`."""

@@ -176,6 +176,9 @@ def _profile(root: Path) -> str:
 def switch_to_paper(root: Path, params_text: str) -> None:
     """Install the paper profile's params and its saved lock (refusing over uncommitted edits)."""
     current = _profile(root)
+    if current == "paper-localization":
+        raise ProfileError("params.yaml holds the paper-localization profile; switch back first "
+                           "(python -m diffpath.study.profiles embedded)")
     if current != "paper":
         dirty = _dirty(root)
         if dirty:
@@ -196,6 +199,10 @@ def switch_to_embedded(root: Path) -> str:
         dirty = _dirty(root)
         return ("params.yaml already holds the embedded profile"
                 + (f" ({', '.join(dirty)} modified: uncommitted edits, left as they are)" if dirty else ""))
+    if current == "paper-localization":
+        from diffpath.study.localization_profile import switch_back
+
+        return switch_back(root)
     if current != "paper":
         raise ProfileError(f"params.yaml holds profile {current!r}, not one this tool installs; not touching it")
     _dirty(root)  # git is there
@@ -210,10 +217,13 @@ def switch_to_embedded(root: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m diffpath.study.profiles", description=__doc__.split("\n")[0])
-    ap.add_argument("profile", choices=["paper", "embedded", "install"],
-                    help="paper | embedded: switch; install: only install the paper downloaders' packages")
+    ap.add_argument("profile", choices=["paper", "paper-localization", "embedded", "install"],
+                    help="paper | paper-localization | embedded: switch; install: only install the paper "
+                    "downloaders' packages")
     ap.add_argument("--no-gpu", action="store_true", help="do not require a GPU")
     ap.add_argument("--model", help="a local .pt, a diffusers folder, a hub id or a zoo name (default: params-paper)")
+    ap.add_argument("--dino", help="paper-localization: the ViT feature extractor, a folder or hub id "
+                    "(default: facebook/dino-vits8)")
     ap.add_argument("--data-root", help="the paper sets' download folder (default: data/downloads)")
     ap.add_argument("--no-install", action="store_true", help="never run pip")
     ap.add_argument("--check-only", action="store_true", help="check, do not switch")
@@ -230,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile == "embedded":
             print(switch_to_embedded(root), file=sys.stderr)
             return 0
+        if args.profile == "paper-localization":
+            from diffpath.study.localization_profile import install
+
+            return install(root, model=args.model, dino=args.dino, data_root=args.data_root,
+                           require_gpu=not args.no_gpu, check_only=args.check_only)
         template = (root / "params-paper.yaml").read_text()
         template = paper_params_text(template, model_path=args.model, settings=None, data_root=args.data_root)
         import yaml
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         text = paper_params_text(template, model_path=model_path, settings=settings_dep(model_path or ""),
                                  data_root=None)
         switch_to_paper(root, text)
-    except ProfileError as exc:
+    except RuntimeError as exc:  # ProfileError, or the localisation profile's switch back
         print(f"diffpath: {exc}", file=sys.stderr)
         return 2
     print(f"params.yaml: paper profile installed (model {model_path}); outputs go to data/paper and "

@@ -20,7 +20,7 @@ import yaml
 
 from diffpath.io import write_text_atomic
 from diffpath.study.layout import Layout, StageInputError
-from diffpath.study.stages import ROOT, STAGES, load_params, stage_parameters
+from diffpath.study.stages import ROOT, load_params, stage_of, stage_parameters
 
 __all__ = ["run_stage", "normalize_executed", "render_html", "apply_overrides"]
 
@@ -55,12 +55,10 @@ def run_stage(
     """Execute the stage's notebook with its parameters; returns the executed notebook's path."""
     import papermill as pm
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    st = stage_of(stage)
     cwd = Path(cwd) if cwd is not None else Path.cwd()
     p = dict(params) if params is not None else load_params(cwd / params_file)
     nb_params = stage_parameters(stage, p, item)
-    st = STAGES[stage]
     layout = Layout.of(p)
     out = Path(output) if output is not None else cwd / st.executed_path(item, layout)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ import yaml
 
 from diffpath.study.layout import Layout
 
-__all__ = ["ROOT", "Stage", "STAGES", "stage_parameters", "load_params"]
+__all__ = ["ROOT", "Stage", "STAGES", "PAPER_LOCALIZATION_STAGES", "PIPELINES", "stage_of", "stage_parameters",
+           "load_params"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -120,6 +121,48 @@ STAGES: dict[str, Stage] = {
 }
 
 
+# The localisation paper profile (DIVAD on MVTec AD and VisA): a pipeline of its own, which the
+# profile switch installs as dvc.yaml (diffpath.study.localization_profile), so that the embedded
+# profile's dvc repro never sees these stages and this profile's runs only them.
+_IND = "industrial"
+_IND_RUN = ("model.device as device", "industrial.batch_size", "industrial.num_threads", *_LAYOUT)
+PAPER_LOCALIZATION_STAGES: dict[str, Stage] = {
+    "industrial_data": Stage(
+        "notebooks/80_industrial_data.ipynb",
+        (*_LAYOUT, "layout.downloads", *(f"{_IND}.{k}" for k in ("roots", "categories", "model_size", "eval_size",
+                                                                  "foreground_dir"))),
+        item="benchmark", foreach="industrial.benchmarks", outs=(str(_L.prepared_dir(_I)),)),
+    "industrial_reconstruct": Stage(
+        "notebooks/81_industrial_reconstruct.ipynb",
+        ("model.spec as model_dir", *_IND_RUN, *(f"{_IND}.{k}" for k in ("rows", "prompt", "guidance_scale", "vae",
+                                                                          "seed", "eval_size"))),
+        item="benchmark", foreach="industrial.benchmarks", deps=(str(_L.prepared_dir(_I)), "${model.spec}"),
+        outs=(str(_L.reconstructions_dir(_I)),)),
+    "industrial_evaluate": Stage(
+        "notebooks/82_industrial_evaluate.ipynb",
+        ("model.dino as dino_dir", *_IND_RUN, *(f"{_IND}.{k}" for k in ("rows", "maps", "sigma", "n_figure"))),
+        item="benchmark", foreach="industrial.benchmarks",
+        deps=(str(_L.prepared_dir(_I)), str(_L.reconstructions_dir(_I)), "${model.dino}"),
+        outs=(str(_L.figures_dir(f"industrial_{_I}")),), results=(str(_L.industrial_csv(_I)),)),
+    "industrial_report": Stage(
+        "notebooks/83_industrial_report.ipynb",
+        (*_LAYOUT, "industrial.benchmarks", "industrial.rows", "industrial.maps", "report.published"),
+        deps=(str(_L.industrial_dir()), "${report.published}"), outs=(str(_L.html("industrial_report")),),
+        results=(str(_L.industrial_summary_csv()), str(_L.tables_dir() / "industrial")),
+        metrics=(str(_L.industrial_json()),), html=True),
+}
+#: every pipeline by profile: the study's (embedded and paper profiles) and the localisation paper profile's
+PIPELINES: dict[str, dict[str, Stage]] = {"study": STAGES, "paper-localization": PAPER_LOCALIZATION_STAGES}
+
+
+def stage_of(name: str) -> Stage:
+    """The stage called ``name`` in any pipeline."""
+    for stages in PIPELINES.values():
+        if name in stages:
+            return stages[name]
+    raise ValueError(f"unknown stage {name!r}; stages: {', '.join(n for s in PIPELINES.values() for n in s)}")
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     with open(path) as fh:
         params = yaml.safe_load(fh) or {}
@@ -139,7 +182,7 @@ def _get(params: Mapping[str, Any], dotted: str) -> Any:
 
 def stage_parameters(stage: str, params: Mapping[str, Any], item: str | None = None) -> dict[str, Any]:
     """The notebook parameters of ``stage`` (see :class:`Stage`), plus the foreach item."""
-    st = STAGES[stage]
+    st = stage_of(stage)
     out: dict[str, Any] = {}
     for entry in st.params:
         key, _, name = entry.partition(" as ")
