@@ -12,7 +12,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 import yaml
 from paper_fakes import write_fake_downloads, write_tiny_checkpoint
 
-from dvc_plan import plan, waves
+from dvc_plan import plan, run_jobs
 from diffpath.study.stages import STAGES, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +65,35 @@ def _audited_env(work: Path, log: Path) -> dict[str, str]:
             "DIFFPATH_AUDIT_LOG": str(log), "DIFFPATH_AUDIT_UNDER": f"{work}:{ROOT}"}
 
 
+def _variant_params(p: dict, ckpt: Path) -> dict:
+    """The profile's variant for a second, 64-px model (standing in for the ImageNet-64 one): its own
+    roots and input size from :func:`paper_variant_text`, two sets, the detection chain's methods."""
+    from diffpath.study.profiles import paper_variant_text
+
+    v = yaml.safe_load(paper_variant_text(yaml.safe_dump(p), str(ckpt)))
+    v["model"]["settings"] = str(ckpt.with_suffix(".json"))
+    v["data"].update(datasets=["cifar10", "celeba"], in_dist=["cifar10"])
+    v["methods"] = ["diffpath", "diffpathv2"]
+    v["report"].update(base_model="imagenet", ablation=["diffpath", "diffpathv2"])
+    return v
+
+
+#: the variant runs the detection chain only (its other stages are the first model's, at another size)
+VARIANT_STAGES = ("data", "errors", "scorers", "evaluate", "report")
+
+
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory):
+    """Every stage of dvc.yaml for the profile's tiny model and, alongside it (two runners at a time,
+    each stage as soon as its inputs exist), the detection chain of the variant for a 64-px model;
+    each with its own audit log."""
+    from paper_fakes import TINY_SETTINGS
+
     work = tmp_path_factory.mktemp("paper")
     downloads = work / "downloads"
     write_fake_downloads(downloads, n_train=10, n_test=6)
     ckpt = write_tiny_checkpoint(work / "ckpt" / "tiny.pt")
+    ckpt64 = write_tiny_checkpoint(work / "ckpt" / "tiny64.pt", settings={**TINY_SETTINGS, "image_size": 64})
     for rel in EMBEDDED_RESULTS:
         src = ROOT / rel
         if src.is_dir():
@@ -81,21 +103,25 @@ def paper_run(tmp_path_factory):
             shutil.copy(src, work / rel)
     before = _tree(work)
     p = _paper_test_params(downloads, ckpt)
+    v = _variant_params(p, ckpt64)
     (work / "paper-test.yaml").write_text(yaml.safe_dump(p))
-    env = _audited_env(work, work.parent / f"{work.name}-audit")
-    jobs, frozen = plan((ROOT / "dvc.yaml").read_text(), p)
+    (work / "variant-test.yaml").write_text(yaml.safe_dump(v))
+    dvc = (ROOT / "dvc.yaml").read_text()
+    jobs, frozen = plan(dvc, p)
+    variant = [j for j in plan(dvc, v, prefix="variant:")[0] if j.name[8:].split("@")[0] in VARIANT_STAGES]
+    envs = {"": _audited_env(work, work.parent / f"{work.name}-audit"),
+            "variant:": _audited_env(work, work.parent / f"{work.name}-variant-audit")}
 
     def one(job):  # dvc.yaml's own command, with the test's params file; a process of its own, as under dvc
         cmd = shlex.split(job.cmd)
         assert cmd[:3] == ["python", "-m", "diffpath.study"], job.cmd
-        r = subprocess.run([sys.executable, *cmd[1:], "--params", "paper-test.yaml"], cwd=work, env=env,
-                           capture_output=True, text=True)
+        kind = "variant:" if job.name.startswith("variant:") else ""
+        r = subprocess.run([sys.executable, *cmd[1:], "--params", "variant-test.yaml" if kind else "paper-test.yaml"],
+                           cwd=work, env=envs[kind], capture_output=True, text=True)
         assert r.returncode == 0, f"{job.name}: {r.stderr[-3000:]}"
 
-    for wave in waves(jobs):  # two stage runners at a time (2 cores), in dependency order
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(one, wave))
-    return work, p, before, jobs, frozen
+    run_jobs(jobs + variant, one)
+    return work, p, before, jobs, frozen, v
 
 
 def test_every_stage_ran_and_the_tables_have_the_papers_layout(paper_run):
@@ -122,7 +148,7 @@ def test_every_stage_ran_and_the_tables_have_the_papers_layout(paper_run):
 
 def test_every_stage_of_dvc_yaml_ran(paper_run):
     """The stages came from dvc.yaml (foreach items from the profile's params); each left its outputs."""
-    work, p, _, jobs, frozen = paper_run
+    work, p, _, jobs, frozen, _ = paper_run
     names = {j.name.split("@")[0] for j in jobs}
     assert names | set(frozen) == set(STAGES) and frozen == ["base_model"]
     assert {j.name for j in jobs if j.name.startswith("errors@")} == {f"errors@{d}" for d in p["data"]["datasets"]}
@@ -162,10 +188,11 @@ def test_the_paper_profile_writes_only_under_its_own_folders(paper_run):
     for path, digest in before.items():
         assert after.get(path) == digest, f"the paper profile changed {path}"
     new = [p for p in after if p not in before and not p.startswith(("downloads/", "ckpt/"))
-           and p != "paper-test.yaml"]
+           and p not in ("paper-test.yaml", "variant-test.yaml")]
     assert new
-    stray = [p for p in new if not p.startswith(("data/paper/", "reports/paper/"))]
-    assert not stray, f"written outside data/paper and reports/paper: {stray[:5]}"
+    roots = ("data/paper/", "reports/paper/", "data/paper-tiny64/", "reports/paper-tiny64/", "reports/paper-compare/")
+    stray = [p for p in new if not p.startswith(roots)]
+    assert not stray, f"written outside the two models' roots: {stray[:5]}"
 
 
 #: what a paper-profile stage may touch inside the scratch study: its layout roots, the downloads
@@ -173,8 +200,8 @@ def test_the_paper_profile_writes_only_under_its_own_folders(paper_run):
 ALLOWED = ("data/paper/", "reports/paper/", "downloads/", "ckpt/", "paper-test.yaml")
 
 
-def _touched(work: Path) -> list[tuple[str, str, str]]:
-    log = work.parent / f"{work.name}-audit"
+def _touched(work: Path, log: str = "audit") -> list[tuple[str, str, str]]:
+    log = work.parent / f"{work.name}-{log}"
     rows = []
     for f in sorted(log.glob("*.log")):
         rows += [tuple(ln.split("\t")) for ln in f.read_text().splitlines() if ln.count("\t") == 2]
@@ -236,3 +263,58 @@ def test_the_audit_hook_sees_reads_writes_and_removals_of_a_child_process(tmp_pa
     assert ("open", "r", "data/errors/x/train.npz") in seen and ("open", "w", "out.txt") in seen
     assert ("shutil.rmtree", "", "data/errors") in seen and ("open", "w", "kernel.txt") in seen
     assert not any(p in ("train.npz", "x") for _, _, p in seen)  # rmtree's names relative to its open folders
+
+
+# --------------------------------------------------------------------------------------------
+# a second base model: its own output roots, 64-px inputs made as DiffPath makes them, the comparison
+
+
+def test_a_second_base_model_writes_only_under_its_own_roots(paper_run):
+    work, *_, v = paper_run
+    assert v["layout"]["data"] == "data/paper-tiny64" and v["layout"]["reports"] == "reports/paper-tiny64"
+    touched = {os.path.relpath(p, work) for _, _, p in _touched(work, "variant-audit") if p.startswith(str(work))}
+    assert any(t.startswith("data/paper-tiny64/errors/") for t in touched)
+    allowed = ("data/paper-tiny64/", "reports/paper-tiny64/", "downloads/", "ckpt/", "variant-test.yaml")
+    stray = sorted(t for t in touched if not (t + "/").startswith(allowed) and t not in (".", "data", "reports"))
+    assert not stray, f"the second model's run touched {stray[:5]}"  # the first model's run included
+    res = pd.read_csv(work / "reports/paper-tiny64/results.csv")
+    assert set(res["in_dist"]) == {"cifar10"} and set(res["ood"]) == {"celeba"}
+    beside = pd.read_csv(work / "reports/paper-tiny64/tables/published.csv", keep_default_na=False)
+    assert beside[["method", "in_dist", "published"]].values.tolist() == [["diffpath", "all", 0.85]]
+    res = pd.read_csv(work / "reports/paper-tiny64/results.csv")
+    assert set(res["in_dist"]) == {"cifar10"} and set(res["ood"]) == {"celeba"}
+    beside = pd.read_csv(work / "reports/paper-tiny64/tables/published.csv", keep_default_na=False)
+    assert beside[["method", "in_dist", "published"]].values.tolist() == [["diffpath", "all", 0.85]]
+
+
+def test_the_64px_model_reads_32px_sets_upsampled_as_diffpath_does(paper_run):
+    from PIL import Image
+
+    from diffpath.study.layout import read_npz
+
+    work, *_, v = paper_run
+    assert (v["data"]["size"], v["data"]["load_size"]) == (64, 32)
+    for name in ("cifar10", "celeba"):
+        z = read_npz(work / "data/paper-tiny64/prepared" / name / "test.npz")
+        assert z["images"].shape[1:] == (32, 32, 3) and z["x0"].shape[1:] == (3, 64, 64), name
+        up = np.stack([np.asarray(Image.fromarray(im).resize((64, 64), Image.Resampling.BILINEAR)) for im in z["images"]])
+        assert np.array_equal(z["x0"], (up.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5) - 1)), name
+    first = read_npz(work / "data/paper/prepared/celeba/test.npz")  # the same crop, at 32 px, for both models
+    assert np.array_equal(first["images"], read_npz(work / "data/paper-tiny64/prepared/celeba/test.npz")["images"])
+
+
+def test_the_base_model_comparison_puts_both_runs_beside_the_published_averages(paper_run):
+    work, *_ = paper_run
+    r = subprocess.run([sys.executable, "-m", "diffpath.study.compare", "ckpt/tiny.pt=celeba", "ckpt/tiny64.pt=imagenet",
+                        "--params", "paper-test.yaml"], cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(work / "reports/paper-compare/models.csv")
+    dp = table[table["method"] == "diffpath"].set_index("model")
+    assert dp.loc["ckpt/tiny.pt", "published"] == 0.931 and dp.loc["ckpt/tiny64.pt", "published"] == 0.85
+    for model, reports in (("ckpt/tiny.pt", "reports/paper"), ("ckpt/tiny64.pt", "reports/paper-tiny64")):
+        res = pd.read_csv(work / reports / "results.csv")
+        ours = res[res["method"] == "diffpath"]["auroc"].mean()
+        assert dp.loc[model, "ours"] == pytest.approx(ours, abs=1e-6)
+        assert dp.loc[model, "delta"] == pytest.approx(ours - dp.loc[model, "published"], abs=1e-6)
+    assert "| DiffPath-6D | ckpt/tiny64.pt | imagenet |" in r.stdout and "0.850" in r.stdout
