@@ -30,8 +30,9 @@ GPU_LOCK = ROOT / "requirements" / "paper-gpu.lock.txt"
 # conda-forge names that differ from PyPI's
 CONDA_TO_PYPI = {"pytorch": "torch", "matplotlib-base": "matplotlib", "huggingface_hub": "huggingface-hub"}
 NOT_PACKAGES = {"python", "pip"}
-# what the GPU lock may change with respect to the CPU lock: the torch build and what it brings
-GPU_ONLY = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*|cuda)$")
+# what the GPU lock may change with respect to the CPU lock: the torch build and what it brings, and
+# the paper sets' downloaders (pyproject's [paper] extra: torchvision, gdown and gdown's PySocks)
+GPU_ONLY = re.compile(r"^(torch|torchvision|triton|nvidia-.*|cuda-.*|cuda|gdown|pysocks)$")
 
 
 def _split(req: str) -> tuple[str, str]:
@@ -92,7 +93,7 @@ def test_gpu_lock_differs_only_in_the_torch_build():
         name = canonicalize_name(req.name)
         assert name in gpu and req.specifier.contains(gpu[name], prereleases=True), (name, gpu.get(name))
     # the torchvision release built for the CUDA torch on this disk (x86_64)
-    assert (gpu["torch"], gpu["torchvision"]) == ("2.14.1", "0.29.1")
+    assert (gpu["torch"], gpu["torchvision"]) == ("2.14.1", "0.29.1") and "gdown" in gpu and "gdown" not in cpu
     moved = {n for n in cpu.keys() | gpu.keys() if cpu.get(n) != gpu.get(n) and not GPU_ONLY.match(n)}
     assert not moved, f"the GPU lock moved more than the torch build: {sorted(moved)}"
 

@@ -13,7 +13,8 @@ import yaml
 from diffpath.models import ModelLoadError, load_model
 from diffpath.models.zoo import ZOO, ZOO_FILE, resolve_spec, settings_dep
 from diffpath.study.install import pip_commands, torchvision_for
-from diffpath.study.profiles import ProfileError, SAVED_LOCK, main, switch_to_embedded, switch_to_paper
+from diffpath.study.profiles import (ProfileError, SAVED_LOCK, main, model_tag, paper_variant_text, saved_lock,
+                                     switch_to_embedded, switch_to_profile)
 from diffpath.study.stages import STAGES, load_params, stage_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,26 +36,50 @@ def test_model_settings_param_names_the_settings_file():
     assert settings_dep("diffpath-celeba32") == ZOO_FILE and (ROOT / ZOO_FILE).is_file()
 
 
+def _outputs(params: dict) -> set[str]:
+    """Every output path of dvc.yaml interpolated with a profile's layout (frozen stages aside)."""
+    lay = params["layout"]
+    text = (ROOT / "dvc.yaml").read_text().replace("${layout.data}", lay["data"]).replace("${layout.reports}",
+                                                                                         lay["reports"])
+    paths = set()
+    for st in yaml.safe_load(text)["stages"].values():
+        st = st.get("do", st)
+        if not st.get("frozen"):
+            paths |= {next(iter(o)) if isinstance(o, dict) else o for key in ("outs", "metrics", "plots")
+                      for o in st.get(key, [])}
+    return paths
+
+
 def test_every_paper_output_is_under_the_paper_folders():
-    """dvc.yaml interpolated with each profile's layout: the paper profile's outputs never coincide
-    with the embedded profile's."""
-    dvc = (ROOT / "dvc.yaml").read_text()
-    outs = {}
-    for f in ("params.yaml", "params-paper.yaml"):
-        lay = load_params(ROOT / f)["layout"]
-        text = dvc.replace("${layout.data}", lay["data"]).replace("${layout.reports}", lay["reports"])
-        stages = yaml.safe_load(text)["stages"]
-        paths = set()
-        for name, st in stages.items():
-            st = st.get("do", st)
-            if st.get("frozen"):
-                continue
-            for key in ("outs", "metrics", "plots"):
-                for o in st.get(key, []):
-                    paths.add(next(iter(o)) if isinstance(o, dict) else o)
-        outs[f] = paths
-    assert all(p.startswith(("data/paper/", "reports/paper/")) for p in outs["params-paper.yaml"])
-    assert "reports/results.csv" in outs["params.yaml"] and not outs["params.yaml"] & outs["params-paper.yaml"]
+    """dvc.yaml interpolated with each profile's layout: the paper profile's outputs, and those of
+    its variant for another base model, never coincide with the embedded profile's or each other's."""
+    embedded, paper = _outputs(load_params(ROOT / "params.yaml")), _outputs(load_params(ROOT / "params-paper.yaml"))
+    imagenet = _outputs(yaml.safe_load(paper_variant_text((ROOT / "params-paper.yaml").read_text(), "imagenet64")))
+    assert all(p.startswith(("data/paper/", "reports/paper/")) for p in paper)
+    assert all(p.startswith(("data/paper-imagenet64/", "reports/paper-imagenet64/")) for p in imagenet)
+    assert "reports/results.csv" in embedded and not embedded & paper and not paper & imagenet
+
+
+def test_another_base_model_gets_its_own_profile_roots_input_size_and_published_base(tmp_path):
+    from paper_fakes import TINY_SETTINGS, write_tiny_checkpoint
+
+    template = (ROOT / "params-paper.yaml").read_text()
+    own = yaml.safe_load(template)
+    for spec in ("diffpath-celeba32", "/anywhere/celeba_ema_0.9999_499999.pt"):  # the profile's own model
+        p = yaml.safe_load(paper_variant_text(template, spec))
+        assert p["profile"] == "paper" and p["layout"] == own["layout"] and p["model"]["spec"] == spec
+    v = yaml.safe_load(paper_variant_text(template, "imagenet64"))
+    assert v["profile"] == "paper-imagenet64" and model_tag("imagenet64") == "imagenet64"
+    assert v["layout"] == {"data": "data/paper-imagenet64", "reports": "reports/paper-imagenet64",
+                           "downloads": "data/downloads"}  # the downloads are shared
+    assert (v["data"]["size"], v["data"]["load_size"], v["report"]["base_model"]) == (64, 32, "imagenet")
+    changed = [(a, b) for a, b in zip(template.splitlines(), paper_variant_text(template, "imagenet64").splitlines())
+               if a != b]  # profile, the two roots, model, size, load_size, base model; comments kept
+    assert len(changed) == 7 and all(a.partition("#")[2] == b.partition("#")[2] for a, b in changed)
+    ckpt = write_tiny_checkpoint(tmp_path / "tiny 64.pt", settings={**TINY_SETTINGS, "image_size": 64})
+    t = yaml.safe_load(paper_variant_text(template, str(ckpt)))
+    assert t["profile"] == "paper-tiny-64" and t["layout"]["reports"] == "reports/paper-tiny-64"
+    assert (t["data"]["size"], t["data"]["load_size"], t["report"]["base_model"]) == (64, 32, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +143,7 @@ def test_paper_profile_fails_fast_offline_listing_everything(tmp_path, monkeypat
     assert main(["paper", "--no-install", "--data-root", str(tmp_path / "dl")]) == 2
     err = capsys.readouterr().err
     assert "cannot run yet" in err and "huggingface.co/ajrheng/diffpath" in err
+    assert "params.yaml and dvc.lock were not changed; nothing was installed" in err
     for name in ("cifar10", "svhn", "celeba", "cifar100", "textures_dtd"):
         assert f"data: {name} (" in err, name
     assert "NO_GPU=1" in err or "cuda" not in err.lower()
@@ -147,21 +173,35 @@ def test_switching_swaps_params_and_lock_and_leaves_git_clean(tmp_path):
 
     (root / "params.yaml").write_text("profile: embedded\nx: 1\n")  # an uncommitted edit: refused
     with pytest.raises(ProfileError, match="uncommitted"):
-        switch_to_paper(root, paper)
+        switch_to_profile(root, paper)
     _git(root, "checkout", "--", "params.yaml")
 
-    switch_to_paper(root, paper)
+    switch_to_profile(root, paper)
     assert load_params(root / "params.yaml")["profile"] == "paper"
     (root / "dvc.lock").write_text("paper lock\n")  # what `dvc repro` of the paper profile writes
     print(switch_to_embedded(root))
     assert _git(root, "status", "--porcelain", "--untracked-files=no") == ""
     assert (root / "dvc.lock").read_text() == "embedded lock\n"
     assert (root / SAVED_LOCK).read_text() == "paper lock\n"
-    switch_to_paper(root, paper)  # the paper lock comes back: nothing to recompute
+    switch_to_profile(root, paper)  # the paper lock comes back: nothing to recompute
     assert (root / "dvc.lock").read_text() == "paper lock\n"
     switch_to_embedded(root)
     assert _git(root, "status", "--porcelain", "--untracked-files=no") == ""
     assert (root / "reports/results.csv").read_text() == "embedded results\n"
+
+    # a variant for another base model keeps its own lock; switching between the two saves each
+    other = "profile: paper-imagenet64\nlayout: {data: data/paper-imagenet64, reports: reports/paper-imagenet64}\n"
+    switch_to_profile(root, paper)
+    switch_to_profile(root, other)
+    assert (root / "dvc.lock").read_text() == "embedded lock\n"  # no saved lock yet: the committed one
+    (root / "dvc.lock").write_text("imagenet lock\n")
+    switch_to_profile(root, paper)
+    assert (root / "dvc.lock").read_text() == "paper lock\n"
+    switch_to_profile(root, other)
+    assert (root / "dvc.lock").read_text() == "imagenet lock\n"
+    print(switch_to_embedded(root))
+    assert (root / saved_lock("paper-imagenet64")).read_text() == "imagenet lock\n"
+    assert _git(root, "status", "--porcelain", "--untracked-files=no") == ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ id, handled by :func:`diffpath.models.load_model`):
 * ``hub:OWNER/REPO/FILE.pt``: one file of a Hugging Face repository.
 
 Fetching uses :func:`huggingface_hub.hf_hub_download` (imported lazily) into the usual Hugging Face
-cache; offline, with nothing cached, it raises one :class:`~diffpath.models.ModelLoadError` that
-names the URL and where to put the file instead.
+cache, or, for a file with no hub repository (``imagenet64``), a plain download into
+:func:`url_cache`; offline, with nothing cached, it raises one :class:`~diffpath.models.ModelLoadError`
+that names the URL and where to put the file instead.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any
 
 from diffpath.models.errors import ModelLoadError
 
-__all__ = ["ZooEntry", "ZOO", "zoo_entry", "zoo_settings_for", "is_remote_spec", "resolve_spec",
-           "settings_dep", "ZOO_FILE"]
+__all__ = ["ZooEntry", "ZOO", "zoo_entry", "zoo_settings_for", "zoo_name_for", "is_remote_spec", "resolve_spec",
+           "settings_dep", "url_cache", "ZOO_FILE"]
 
 #: this module's path relative to the repository root: the DVC dependency of a zoo model's settings
 ZOO_FILE = "diffpath/models/zoo.py"
@@ -49,6 +50,7 @@ class ZooEntry:
     settings: dict[str, Any] = field(default_factory=dict)
     repo_id: str | None = None  # Hugging Face repository, when the file is on the hub
     description: str = ""
+    trained_on: str | None = None  # the base model's training set (the published figures' key)
 
 
 # DiffPath's configs/celeba_model_config.yaml (the remaining keys: improved-diffusion's defaults).
@@ -63,12 +65,14 @@ ZOO: dict[str, ZooEntry] = {
         "diffpath-celeba32", "celeba_ema_0.9999_499999.pt",
         "https://huggingface.co/ajrheng/diffpath/resolve/main/celeba_ema_0.9999_499999.pt",
         _CELEBA32, repo_id="ajrheng/diffpath",
-        description="DiffPath's CelebA 32x32 model (improved-diffusion, cosine, T=4000, learned sigma)"),
+        description="DiffPath's CelebA 32x32 model (improved-diffusion, cosine, T=4000, learned sigma)",
+        trained_on="celeba"),
     "imagenet64": ZooEntry(
         "imagenet64", "imagenet64_uncond_100M_1500K.pt",
         "https://openaipublic.blob.core.windows.net/diffusion/march-2021/imagenet64_uncond_100M_1500K.pt",
         _IMAGENET64, repo_id=None,
-        description="openai improved-diffusion ImageNet 64x64, unconditional, L-hybrid (as DiffPath uses it)"),
+        description="openai improved-diffusion ImageNet 64x64, unconditional, L-hybrid (as DiffPath uses it)",
+        trained_on="imagenet"),
 }
 
 
@@ -86,6 +90,15 @@ def zoo_settings_for(path: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def zoo_name_for(spec: str | Path) -> str | None:
+    """The zoo name of a spec: the name itself, or the entry whose released file ``spec`` is."""
+    s = str(spec)
+    if s in ZOO:
+        return s
+    name = Path(s).name
+    return next((e.name for e in ZOO.values() if e.filename == name), None)
+
+
 def is_remote_spec(spec: str | Path) -> bool:
     """Whether ``spec`` names a zoo model or a ``hub:`` file (as opposed to a local path)."""
     s = str(spec)
@@ -96,7 +109,7 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     import os
     import socket
 
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes"}:
+    if any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "DIFFPATH_OFFLINE")):
         return False
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
@@ -121,19 +134,57 @@ def _hub_file(repo_id: str, filename: str, url: str) -> Path:
         ) from exc
 
 
+def url_cache() -> Path:
+    """Where zoo files without a hub repository are downloaded: ``$DIFFPATH_CACHE`` or
+    ``$XDG_CACHE_HOME/diffpath/models`` (``~/.cache/diffpath/models``)."""
+    import os
+
+    if os.environ.get("DIFFPATH_CACHE"):
+        return Path(os.environ["DIFFPATH_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffpath" / "models"
+
+
+def _url_file(e: ZooEntry) -> Path:
+    """A zoo file served from a plain URL (openai's blob store), downloaded once into
+    :func:`url_cache` (to a temporary name first, so a broken download is never taken as the file)."""
+    import urllib.parse
+    import urllib.request
+
+    target = url_cache() / e.filename
+    if target.is_file():
+        return target
+    host = urllib.parse.urlparse(e.url).hostname or ""
+    if not _hub_reachable(host):
+        raise ModelLoadError(
+            f"cannot fetch {e.filename} ({host} unreachable; offline?). Download {e.url} on a machine with "
+            f"the internet and put it at {target} (or anywhere, then pass that path: make paper "
+            f"MODEL=models/paper/{e.filename}); its settings are known to diffpath.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    try:
+        urllib.request.urlretrieve(e.url, part)
+        part.replace(target)
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise ModelLoadError(f"downloading {e.url} failed ({type(exc).__name__}: {exc}); put the file at "
+                             f"{target}") from exc
+    return target
+
+
 def resolve_spec(spec: str | Path) -> str:
     """A local path for ``spec``: zoo names and ``hub:`` files are fetched into the Hugging Face
-    cache (or found there); anything else is returned unchanged.
+    cache (or found there), zoo files without a hub repository into :func:`url_cache`; anything
+    else is returned unchanged.
 
     Raises:
-        ModelLoadError: unknown ``hub:`` form, a zoo model with no hub repository that is not on
-            disk, or a failed download (the message says where to put the file).
+        ModelLoadError: unknown ``hub:`` form, or a failed download (the message says where to put
+            the file).
     """
     s = str(spec)
     if s in ZOO:
         e = ZOO[s]
         if e.repo_id is None:
-            raise ModelLoadError(f"{s}: download {e.url} and pass the local path of {e.filename} as the model")
+            return str(_url_file(e))
         return str(_hub_file(e.repo_id, e.filename, e.url))
     if s.startswith("hub:"):
         parts = s[4:].split("/")

@@ -71,6 +71,7 @@ _MODEL = ("model.spec as model_dir", "model.device as device", *_LAYOUT)
 _MODEL_DEPS = ("${model.spec}", "${model.settings}")  # the weights and the file holding their settings
 _RUN = ("model.precision", "model.channels_last", "model.compile", "model.cuda_graphs")
 _BASE = _L.base_model_dir()
+PUBLISHED_FILE = "diffpath/study/published.csv"  # the papers' figures the report puts beside ours
 
 STAGES: dict[str, Stage] = {
     "base_model": Stage(
@@ -95,7 +96,7 @@ STAGES: dict[str, Stage] = {
         results=(str(_L.results_csv()),), metrics=(str(_L.metrics_json()),)),
     "report": Stage(
         "notebooks/60_report.ipynb", (*_LAYOUT, "data.in_dist", "data.datasets", "methods", "report.*"),
-        deps=(str(_L.results_csv()), str(_L.scores_dir())), outs=(str(_L.html("report")),),
+        deps=(str(_L.results_csv()), str(_L.scores_dir()), PUBLISHED_FILE), outs=(str(_L.html("report")),),
         results=(str(_L.tables_dir()),), plots=(str(_L.figures_dir("report")),), html=True),
     "walkthrough": Stage(
         "notebooks/70_walkthrough.ipynb", (*_MODEL, "errors.steps", "errors.seed", "walkthrough.*"),
@@ -115,7 +116,7 @@ STAGES: dict[str, Stage] = {
         deps=_MODEL_DEPS, outs=(str(_L.html("localization_walkthrough")),
                                 str(_L.figures_dir("localization_walkthrough"))), html=True),
     "timesteps": Stage(
-        "notebooks/55_timesteps.ipynb", ("data.in_dist", "data.datasets"),
+        "notebooks/55_timesteps.ipynb", (*_LAYOUT, "data.in_dist", "data.datasets"),
         deps=(str(_L.errors_dir("")).rstrip("/"),), results=(str(_L.timesteps_csv()),),
         plots=(str(_L.figures_dir("timesteps")),)),
 }
