@@ -1,11 +1,13 @@
 """The work folder of a resumable model pass, owned by one run at a time.
 
 ``diffpath fit`` and ``diffpath score`` keep their resumable work in ``OUT.work/`` (the decoded
-images ``x0.npy`` and the cache chunks of :func:`diffpath.cache.compute_cache`). Two runs
+images ``x0.f32`` and the cache chunks of :func:`diffpath.cache.compute_cache`). Two runs
 must never share it, so :func:`work_area` first takes an exclusive lock on ``OUT.work.lock``
 (``flock``; released by the operating system when the process dies, so a crash leaves no stale
 lock). A second run with the same output refuses at once with :class:`WorkAreaBusy`, naming the
-process that holds it. The lock file is removed when the run ends.
+process that holds it. The lock file is removed when the run ends, however it ends (a full disk
+included). What cannot be resumed (the decoded images: the caller lists them in the state's
+``"scratch"``) is removed when a run fails; finished chunks stay for the rerun.
 
 Chunks left by an interrupted run, and its finished pass, are reused only when they provably
 belong to the new run: the chunk store (:mod:`diffpath.cache.store`) keeps the run's fingerprint
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from diffpath.io import InputError
+from diffpath.io import InputError, OutputError, os_error_line
 
 __all__ = ["RunLock", "WorkAreaBusy", "data_key", "work_area", "work_dir_for"]
 
@@ -91,13 +93,22 @@ class RunLock:
                 if not same:  # removed by the run that just released it: lock the new one
                     os.close(fd)
                     continue
-            info = {"pid": os.getpid(), "host": socket.gethostname(),
-                    "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps(info).encode())
             self._fd = fd
+            self._write_holder(fd)
             return self
         raise self._busy()  # pragma: no cover - a lock file replaced 100 times in a row
+
+    @staticmethod
+    def _write_holder(fd: int) -> None:
+        """Who holds the lock, for the message a second run prints; best effort (a full disk
+        leaves the lock file empty, and the lock works the same)."""
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(info).encode())
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self._fd is None:
@@ -126,31 +137,44 @@ def work_area(path: str | os.PathLike | None) -> Iterator[dict[str, Any]]:
     """Lock and create the work folder ``path``; remove it (and the lock) on success.
 
     Yields a state dict whose ``"phase"`` the caller moves through ``"before"`` → ``"pass"`` →
-    ``"after"``. On failure the folder is kept only when it may save work: during the model pass
-    (finished chunks), after it on an interruption (the finished pass), and before it when it
+    ``"after"``, and whose ``"scratch"`` list names files that no rerun can use. On failure the
+    scratch files are removed, and the folder is kept only when it may save work: during the model
+    pass (finished chunks), after it on an interruption (the finished pass), and before it when it
     already existed (an earlier interrupted run's chunks). ``path=None``: nothing on disk.
 
     Raises:
         WorkAreaBusy: another run holds the folder.
     """
     if path is None:
-        yield {"phase": "before", "dir": None}
+        yield {"phase": "before", "dir": None, "scratch": []}
         return
     path = Path(os.path.abspath(path))
     with RunLock(path.with_name(path.name + ".lock")):
         existed = path.exists()
-        path.mkdir(parents=True, exist_ok=True)
-        state: dict[str, Any] = {"phase": "before", "dir": path}
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(os_error_line(exc, path)) from exc
+        state: dict[str, Any] = {"phase": "before", "dir": path, "scratch": []}
         try:
             yield state
         except BaseException as exc:
+            for f in state["scratch"]:
+                Path(f).unlink(missing_ok=True)
             phase = state["phase"]
             keep = ((phase == "before" and existed) or phase == "pass"
                     or (phase == "after" and isinstance(exc, KeyboardInterrupt)))
-            if not keep:
+            if not keep or _empty(path):
                 shutil.rmtree(path, ignore_errors=True)
             raise
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _empty(folder: Path) -> bool:
+    try:
+        return not any(folder.iterdir())
+    except OSError:
+        return False
 
 
 def data_key(paths: Sequence[str | os.PathLike], x0: np.ndarray, extra: dict[str, Any]) -> str:

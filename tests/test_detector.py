@@ -63,8 +63,8 @@ def world(tmp_path_factory):
     write_every_format(test / "formats", load_split("mnist", "test", n=1).images[0][:27, :31])
     det = root / "det"
     rc = main(["fit", "--model", str(model), "--normal", str(normal), "--steps", STEPS, "--out", str(det),
-               "--batch-size", "16", "--chunk-size", "16", "--no-progress"])
-    assert rc == 0
+               "--batch-size", "16", "--chunk-size", "16", "--accept", "0.8", "--no-progress"])
+    assert rc == 0  # (accept 0.8: 15 calibration images are too few for a threshold at 0.95)
     return {"root": root, "model": model, "normal": normal, "test": test, "det": det}
 
 
@@ -80,9 +80,9 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_fit_writes_a_self_describing_detector(world):
     det = world["det"]
-    assert sorted(p.name for p in det.iterdir()) == ["detector.json", "scorer.npz", "train_scores.npz"]
+    assert sorted(p.name for p in det.iterdir()) == ["calibration.npz", "detector.json", "scorer.npz"]
     meta = json.loads((det / "detector.json").read_text())
-    assert meta["format"] == "diffpath-detector" and meta["format_version"] == 2
+    assert meta["format"] == "diffpath-detector" and meta["format_version"] == 3
     from diffpath.models import load_model
 
     assert meta["model"]["spec"] == str(world["model"])
@@ -90,11 +90,12 @@ def test_fit_writes_a_self_describing_detector(world):
     assert meta["preprocessing"] == {"size": 16, "channels": 1, "resize": "auto", "alpha": "composite"}
     assert meta["features"]["method"] == "diffpathv2" and meta["features"]["steps"] == 3
     assert meta["scorer"]["kind"] == "gmm" and meta["scorer"]["sklearn_version"]
-    assert meta["scorer"]["best_params"]["n_components"] < 50  # the grid shrank for 30 images
-    assert meta["training"]["n_images"] == 30 and len(meta["training"]["quantiles"]) == 101
+    assert meta["scorer"]["best_params"]["n_components"] < 50  # the grid shrank for 15 images
+    assert meta["training"]["n_images"] == 30 and len(meta["training"]["calibration_quantiles"]) == 101
+    assert (meta["training"]["n_fit"], meta["training"]["n_calibration"]) == (15, 15)
     d = Detector.load(det)
-    assert d.threshold_ == threshold_at(d.train_scores_, 0.95)
-    assert np.mean(d.train_scores_ >= d.threshold_) >= 0.95
+    assert d.threshold_ == threshold_at(d.calibration_scores_, 0.8) == np.sort(d.calibration_scores_)[2]
+    assert meta["threshold"] == {**meta["threshold"], "accept": 0.8, "rank": 3, "guarantee": 13 / 16}
     assert _leftovers(world["root"]) == []
 
 
@@ -117,10 +118,11 @@ def test_score_cli_csv_plot_and_python_round_trip(world, capsys):
         pct = np.array([float(r["percentile"]) for r in rows])
         ood = np.array([r["is_ood"] == "true" for r in rows])
         np.testing.assert_array_equal(ood, scores < d.threshold_)
-        np.testing.assert_allclose(pct, [100 * np.mean(d.train_scores_ < s) for s in scores])
-        k = int(np.floor(0.05 * len(d.train_scores_)))
-        assert np.all(pct[ood] <= 100 * k / len(d.train_scores_))
-        assert np.all(pct[~ood] >= 100 * k / len(d.train_scores_))
+        cal = d.calibration_scores_
+        np.testing.assert_allclose(pct, [100 * np.mean(cal < s) for s in scores])
+        k = int(np.floor(0.2 * (len(cal) + 1)))  # the threshold is the k-th lowest (1-based)
+        assert np.all(pct[ood] <= 100 * (k - 1) / len(cal))
+        assert np.all(pct[~ood] >= 100 * (k - 1) / len(cal))
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert _leftovers(out.parent) == []
 
@@ -134,16 +136,16 @@ def test_score_cli_csv_plot_and_python_round_trip(world, capsys):
         # save → load keeps the scorer; --accept moves the threshold
         d.save(world["root"] / "copy")
         d2 = Detector.load(world["root"] / "copy")
-        np.testing.assert_array_equal(d2.train_scores_, d.train_scores_)
+        np.testing.assert_array_equal(d2.calibration_scores_, d.calibration_scores_)
         out2 = world["root"] / "scores" / "half.csv"
         rc = main(["score", "--detector", str(world["root"] / "copy"), str(world["test"] / "formats"),
                    "--out", str(out2), "--accept", "0.5", "--no-progress"])
         assert rc == 0
         rows2 = _read_csv(out2)
         s2 = np.array([float(r["score"]) for r in rows2])
-        thr = threshold_at(d.train_scores_, 0.5)
+        thr = threshold_at(d.calibration_scores_, 0.5)
         assert [r["is_ood"] == "true" for r in rows2] == list(s2 < thr)
-        assert np.mean(d.train_scores_ >= thr) >= 0.5
+        assert thr == np.sort(d.calibration_scores_)[int(np.floor(0.5 * 16)) - 1]
     finally:
         bad.unlink()
 
@@ -249,8 +251,10 @@ def test_interrupted_pass_resumes_from_finished_chunks(world, tmp_path, monkeypa
     assert (0, 4) not in calls and len(calls) == 30 // 4  # 8 chunks, the first one reused
     assert not work.exists()  # removed on success
     monkeypatch.setattr(cache_mod, "_compute_chunk", real)
-    # same images, same scores (up to float32 differences between batch sizes 4 and 16)
-    np.testing.assert_allclose(res.scores, d.train_scores_, rtol=1e-3, atol=1e-3)
+    # the calibration images score as when the detector was fitted (up to float32 differences
+    # between batch sizes 4 and 16)
+    idx = [res.paths.index(p) for p in d.calibration_paths_]
+    np.testing.assert_allclose(res.scores[idx], d.calibration_scores_, rtol=1e-3, atol=1e-3)
 
 
 def test_python_fit_and_nan_check(world, tmp_path):
@@ -259,12 +263,12 @@ def test_python_fit_and_nan_check(world, tmp_path):
     model = load_model(world["model"])
     files = sorted(world["normal"].glob("*.png"))[:12]
     with pytest.warns(UserWarning, match="too small for the GMM grid"):  # the grid shrinks
-        d = Detector(model, steps=3, scorer_params=FAST, accept=0.9,
+        d = Detector(model, steps=3, scorer_params=FAST, accept=0.5,
                      run=PassOptions(work_dir=tmp_path / "w")).fit(files)
     assert d.meta_["model"]["spec"] == str(world["model"]) and not (tmp_path / "w").exists()
-    assert d.meta_["threshold"]["accept"] == 0.9 and np.mean(d.train_scores_ >= d.threshold_) >= 0.9
-    res = d.score_images(files[:3])
-    np.testing.assert_allclose(res.scores, d.train_scores_[:3], rtol=1e-3, atol=1e-3)
+    assert d.meta_["threshold"]["accept"] == 0.5 and d.threshold_ == np.sort(d.calibration_scores_)[2]
+    res = d.score_images(d.calibration_paths_[:3])
+    np.testing.assert_allclose(res.scores, d.calibration_scores_[:3], rtol=1e-3, atol=1e-3)
     with torch.no_grad():  # a model whose forward gives NaN
         model.net.unet.conv_out.bias.fill_(float("nan"))
     with pytest.raises(FeatureError, match="000.png"):
@@ -307,16 +311,17 @@ def test_detector_has_scikit_learns_shape(world):
 
     from sklearn.exceptions import NotFittedError
 
-    det = Detector(str(world["model"]), steps=3, run=PassOptions(device="cpu", batch_size=16, chunk_size=16))
+    det = Detector(str(world["model"]), steps=3, accept=0.8,
+                   run=PassOptions(device="cpu", batch_size=16, chunk_size=16))
     assert list(inspect.signature(Detector.fit).parameters) == ["self", "images"]  # no run options
     with pytest.raises(NotFittedError):
         det.predict(world["test"])
     with pytest.warns(UserWarning, match="too small"):
         assert det.fit(world["normal"]) is det
     learned = {k for k in vars(det) if k.endswith("_") and not k.startswith("_")}
-    assert learned == {"scorer_", "train_scores_", "train_paths_", "threshold_", "meta_"}
+    assert learned == {"scorer_", "calibration_scores_", "calibration_paths_", "fit_paths_", "threshold_", "meta_"}
     cli = Detector.load(world["det"])  # `diffpath fit` with the same settings and sizes
-    np.testing.assert_array_equal(det.train_scores_, cli.train_scores_)
+    np.testing.assert_array_equal(det.calibration_scores_, cli.calibration_scores_)
     assert det.threshold_ == cli.threshold_ and det.get_params() == {**cli.get_params(), "model": str(world["model"])}
 
     images = world["test"] / "formats"
@@ -369,4 +374,4 @@ def test_a_fit_interrupted_after_its_model_pass_reuses_the_pass(world, tmp_path,
     with pytest.warns(UserWarning, match="too small"):
         det = Detector(str(world["model"]), steps=3, run=run).fit(world["normal"])
     assert not work.exists()  # removed on success
-    np.testing.assert_array_equal(det.train_scores_, Detector.load(world["det"]).train_scores_)
+    np.testing.assert_array_equal(det.calibration_scores_, Detector.load(world["det"]).calibration_scores_)

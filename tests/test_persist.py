@@ -44,8 +44,8 @@ def test_malformed_files_are_refused(tmp_path):
     s = KDEScorer().fit(X)
     desc = save_scorer(s, tmp_path / "k.npz")
     np.savez(tmp_path / "obj.npz", **{"kde.data": np.array([object()] * 2, dtype=object)})
-    with pytest.raises(ScorerFormatError, match="unreadable"):
-        load_scorer(tmp_path / "obj.npz", desc)  # object arrays would need pickle: refused
+    with pytest.raises(ScorerFormatError, match="has dtype object"):
+        load_scorer(tmp_path / "obj.npz", desc)  # object arrays would need pickle: refused unread
     np.savez(tmp_path / "bad.npz", **{"kde.data": np.zeros((4, 3))})
     with pytest.raises(ScorerFormatError, match=r"\(N, 2\)"):
         load_scorer(tmp_path / "bad.npz", desc)

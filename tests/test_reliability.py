@@ -299,17 +299,19 @@ def test_a_non_utf8_file_name_is_scored(rw, tmp_path, capsys):
 # -- 7. the minimum number of images to fit ---------------------------------------------------------
 
 
-def test_fit_needs_three_images_for_the_gmm_grid(rw, tmp_path, capsys):
-    two = tmp_path / "two"
-    two.mkdir()
-    for f in sorted(rw["fashion"].iterdir())[:2]:
-        shutil.copy(f, two)
-    rc = main(["fit", "--model", str(rw["model"]), "--normal", str(two), "--out", str(tmp_path / "det"),
+def test_fit_needs_enough_images_for_the_gmm_grid_and_the_calibration(rw, tmp_path, capsys):
+    """3 images to fit a GMM grid on (2 folds of 2 training images) and as many again, at the
+    default calibration share of one half, held out for the threshold: 5 at least (⌊5/2⌋ = 2)."""
+    four = tmp_path / "four"
+    four.mkdir()
+    for f in sorted(rw["fashion"].iterdir())[:4]:
+        shutil.copy(f, four)
+    rc = main(["fit", "--model", str(rw["model"]), "--normal", str(four), "--out", str(tmp_path / "det"),
                "--steps", "3", "--device", "cpu", "--no-progress"])
     assert rc == 2
-    assert "at least 3" in _one_line_error(capsys.readouterr().err)
+    assert "at least 5" in _one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "det").exists()
-    shutil.copy(sorted(rw["fashion"].iterdir())[2], two)
+    shutil.copy(sorted(rw["fashion"].iterdir())[4], four)
     with pytest.warns(UserWarning, match="too small"):
-        d = Detector(str(rw["model"]), steps=3, scorer_params={"covariance_type": ("diag",)}).fit(two)
-    assert len(d.train_scores_) == 3
+        d = Detector(str(rw["model"]), steps=3, scorer_params={"covariance_type": ("diag",)}).fit(four)
+    assert len(d.fit_paths_) == 3 and len(d.calibration_scores_) == 2

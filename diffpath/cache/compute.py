@@ -47,7 +47,7 @@ def compute_cache(
 
     Args:
         model: the ε-model (already on its device and configured).
-        x0: (N, C, H, W) float32 images in [-1, 1] (a memory map is fine).
+        x0: (N, C, H, W) float32 images in [-1, 1] (a memory map is fine); NaN or inf is refused.
         cfg: what to compute.
         out: the final ``.npz``; chunks go to ``out + ".parts/"`` and make the run resumable.
             Without ``out`` everything stays in memory.
@@ -115,6 +115,11 @@ def _checked_input(model: EpsModel, x0: np.ndarray) -> np.ndarray:
         raise ValueError(f"x0 must be (N, {model.channels}, H, W), got {x0.shape}")
     if len(x0) == 0:
         raise ValueError("x0 holds no images")
+    for s in range(0, len(x0), 1024):  # in slices: x0 may be a memory map larger than memory
+        bad = ~np.isfinite(np.asarray(x0[s : s + 1024])).reshape(min(1024, len(x0) - s), -1).all(axis=1)
+        if bad.any():
+            raise ValueError(f"x0 holds NaN or inf (image {s + int(np.flatnonzero(bad)[0])}); "
+                             "the cache would hold NaN rows")
     return x0
 
 

@@ -11,15 +11,17 @@
 The model and run options (``--model``, ``--device``, ``--precision``, ``--batch-size``, ...) are
 the same for every command, with the same defaults (:mod:`diffpath.cli.options`).
 
-Errors in the input, and file-system errors, end the run with a one-line message on stderr and
-exit status 2; the outputs are checked to be writable before any model work starts, and nothing
-is written unless the run succeeds (outputs are written atomically, a CSV and its plot together).
+Errors in the input, and file-system errors (a full disk included), end the run with a one-line
+message on stderr and exit status 2; the outputs are checked to be writable (a regular file or
+absent, never a device or FIFO) before any model work starts, and nothing is written unless the
+run succeeds (outputs are written atomically, a CSV and its plot together).
 Two runs with the same ``--out`` cannot overlap: the second refuses (:mod:`diffpath.workarea`).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from diffpath.cli.common import cli_warnings
-    from diffpath.io import InputError
+    from diffpath.io import InputError, os_error_line
     from diffpath.models import ModelLoadError
 
     parser = build_parser()
@@ -56,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with cli_warnings():
             args.handler(args)
     except (CLIError, InputError, ModelLoadError, OSError, ValueError, RuntimeError) as exc:
-        msg = " ".join(str(exc).split())  # one line
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        msg = " ".join((os_error_line(exc) if full else str(exc)).split())  # one line
         print(f"diffpath: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["CLIError", "cli_warnings", "report_kept_work"]
+__all__ = ["CLIError", "check_sigma", "cli_warnings", "report_kept_work"]
 
 
 class CLIError(Exception):
     """An error to report in one line."""
+
+
+def check_sigma(sigma: float | None) -> None:
+    """One-line error unless ``--smooth-sigma`` is unset or a finite number of pixels, 0 or more."""
+    if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+        raise CLIError(f"--smooth-sigma must be a finite number of pixels, 0 or more, got {sigma}")
 
 
 @contextmanager

@@ -23,6 +23,7 @@ __all__ = ["add_commands"]
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from diffpath.data.files import RESIZE_MODES
+    from diffpath.detector import CALIBRATION
     from diffpath.methods.registry import METHODS
 
     f = sub.add_parser("fit", help="fit a detector on a folder of normal images",
@@ -34,12 +35,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--method", default="diffpathv2", help=f"one of: {', '.join(METHODS)} (diffpathv2)")
     f.add_argument("--out", required=True, metavar="DETECTOR_DIR", help="the detector folder to write")
     options.add_steps(f, help="timesteps / DDIM steps")
-    f.add_argument("--seed", type=int, default=0, help="seed of DiffPathV2's noise (0)")
+    f.add_argument("--seed", type=int, default=0,
+                   help="seed of DiffPathV2's noise and of the calibration split (0)")
     f.add_argument("--no-clip", action="store_true", help="do not clip x̂0 on the DiffPath path")
     f.add_argument("--resize", default="auto", choices=RESIZE_MODES,
                    help="how images reach the model's size (auto)")
     f.add_argument("--accept", type=float, default=0.95,
-                   help="fraction of normal images the stored threshold accepts (0.95)")
+                   help="the threshold accepts a new normal image with probability at least "
+                   "ceil(accept·(n+1))/(n+1) ≥ accept, n = calibration images (0.95)")
+    f.add_argument("--calibration", type=float, default=CALIBRATION, metavar="FRACTION",
+                   help=f"share of the normal images held out to calibrate the threshold ({CALIBRATION})")
     _add_strict_and_run(f)
     f.set_defaults(handler=_cmd_fit)
 
@@ -50,7 +55,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="the CSV to write")
     s.add_argument("--plot", default=None, help="also draw the score histogram (.png, .pdf, .svg)")
     s.add_argument("--accept", type=float, default=None,
-                   help="fraction of normal images to accept (default: the detector's, 0.95)")
+                   help="accept new normal images with probability at least this (default: the "
+                   "detector's, 0.95)")
     options.add_model(s, required=False,
                       help="use this model instead of the detector's (its fingerprint must match)")
     _add_strict_and_run(s)
@@ -72,7 +78,8 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     wd = work_dir_for(out)
     det = Detector(args.model, method=args.method, steps=args.steps, seed=args.seed,
                    clip_denoised=not args.no_clip, resize=args.resize, accept=args.accept,
-                   strict=args.strict, run=options.pass_options(args, work_dir=wd))
+                   calibration=args.calibration, strict=args.strict,
+                   run=options.pass_options(args, work_dir=wd))
     det.check_settings()  # bad settings fail before anything is written
     if out.exists():
         check_replaceable(out)
@@ -85,10 +92,22 @@ def _cmd_fit(args: argparse.Namespace) -> None:
         report_kept_work(wd)
         raise
     det.save(out)
-    t = det.meta_["training"]
-    print(f"wrote {args.out}: {t['n_images']} normal images ({t['n_skipped']} skipped), method "
-          f"{det.meta_['features']['method']}, threshold {det.threshold_:.6g} accepts "
-          f"{det.accept:.0%} of them", file=sys.stderr)
+    print(f"wrote {args.out}: {_fit_summary(det)}", file=sys.stderr)
+
+
+def _fit_summary(det: Detector) -> str:
+    """What ``fit`` learned, and what its threshold promises (split-conformal)."""
+    t, th = det.meta_["training"], det.meta_["threshold"]
+    n, acc = t["n_calibration"], th["accept"]
+    bound = n + 1 - th["rank"]
+    head = (f"{t['n_images']} normal images ({t['n_skipped']} skipped), method "
+            f"{det.meta_['features']['method']}: scorer fitted on {t['n_fit']}, threshold calibrated on "
+            f"the other {n}")
+    if th["rank"] == 0:
+        return head + f"; too few to flag anything at accept {acc:g}: the threshold accepts every image"
+    return (head + f"; threshold {det.threshold_:.6g} (rank {th['rank']} of the {n} calibration scores, "
+            f"from the lowest) accepts a new normal image with probability at least ⌈{acc:g}·{n + 1}⌉/{n + 1} = "
+            f"{bound}/{n + 1} = {th['guarantee']:.1%} (split-conformal)")
 
 
 def _cmd_score(args: argparse.Namespace) -> None:
@@ -112,7 +131,9 @@ def _cmd_score(args: argparse.Namespace) -> None:
     if args.model is not None:
         det.set_params(model=args.model)
     mine = {str(p) for p in (out, plot) if p is not None}
-    paths = [p for p in find_images(args.images) if os.path.abspath(p) not in mine]
+    skipped: list[tuple[Path, str]] = []
+    paths = [p for p in find_images(args.images, strict=args.strict, skipped=skipped)
+             if os.path.abspath(p) not in mine]
     if not paths:
         raise NoImagesError("no images to score (only this command's own outputs matched)")
     try:
@@ -122,6 +143,7 @@ def _cmd_score(args: argparse.Namespace) -> None:
     except BaseException:
         report_kept_work(wd)
         raise
+    res.skipped[:0] = [(str(p), r) for p, r in skipped]
     for p in res.paths:
         if csv_path(p) != p:
             warnings.warn(f"file name {csv_path(p)} is not UTF-8; the CSV writes its undecodable "
@@ -140,10 +162,10 @@ def _write_scores(args: argparse.Namespace, det: Detector, res: ScoreResult, out
         tmps[0].write_text(res.to_csv(), encoding="utf-8")
         if plot is not None:
             tmps[1].write_bytes(plot_scores(
-                det.train_scores_, res.scores, res.threshold, accept=res.accept,
+                det.calibration_scores_, res.scores, res.threshold, accept=res.accept,
                 title=f"{Path(args.detector).name}: {det.meta_['features']['method']}",
                 fmt=plot.suffix.lower().lstrip(".")))
     print(f"wrote {args.out}: {len(res.paths)} images scored ({len(res.skipped)} skipped), "
-          f"{int(res.is_ood.sum())} flagged OOD at threshold {res.threshold:.6g} (accepts "
-          f"{res.accept:.0%} of normal images)" + (f"; plot {args.plot}" if plot else ""),
-          file=sys.stderr)
+          f"{int(res.is_ood.sum())} flagged OOD at threshold {res.threshold:.6g} (accepts a new normal "
+          f"image with probability at least {det.guarantee(res.accept):.1%})"
+          + (f"; plot {args.plot}" if plot else ""), file=sys.stderr)

@@ -39,7 +39,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_features(args: argparse.Namespace) -> None:
     from diffpath.cache import compute_cache
-    from diffpath.io import check_writable, load_images_npz, save_npz_atomic
+    from diffpath.data.arrays import load_images_npz
+    from diffpath.io import check_writable, save_npz_atomic
     from diffpath.methods.diffpathv2 import ScoreErrorConfig
     from diffpath.methods.registry import get_method
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffpath.cli.common import CLIError
+from diffpath.cli.common import CLIError, check_sigma
 
 __all__ = ["add_options", "wanted", "run"]
 
@@ -75,16 +75,14 @@ def _eval_images(paths: list[Path], size: int) -> np.ndarray:
 def _checked(args: argparse.Namespace) -> None:
     if args.map not in LATENT_MAPS:
         raise CLIError(f"--map {args.map} is not available for Stable Diffusion models; choose {', '.join(LATENT_MAPS)}")
-    if args.smooth_sigma is not None and not args.smooth_sigma >= 0:
-        raise CLIError(f"--smooth-sigma must be 0 or more pixels, got {args.smooth_sigma}")
+    check_sigma(args.smooth_sigma)
     if args.eval_size < 8:
         raise CLIError(f"--eval-size must be at least 8, got {args.eval_size}")
 
 
-def run(args: argparse.Namespace, *, input_paths: Callable, write_outputs: Callable,
-        gray: Callable[[Path], np.ndarray]) -> None:
+def run(args: argparse.Namespace, *, input_paths: Callable, write_outputs: Callable) -> None:
     """The Stable Diffusion path of ``diffpath localize`` (module docstring); the folder checks
-    and the writer are the pixel-space path's (``input_paths``, ``write_outputs``, ``gray``)."""
+    and the writer are the pixel-space path's (``input_paths``, ``write_outputs``)."""
     import torch
 
     from diffpath.data.files import Preprocessing, load_images
@@ -98,7 +96,7 @@ def run(args: argparse.Namespace, *, input_paths: Callable, write_outputs: Calla
         prompt_for(template, args.class_name or "")
     except ValueError:
         raise CLIError(f'the prompt "{template}" needs --class NAME (e.g. --class screw)') from None
-    out, paths = input_paths(args)
+    out, paths, skipped = input_paths(args)
     dev = resolve_device(args.device)
     try:
         ld = LatentDiffusion.from_pretrained(args.model, device=dev)
@@ -106,14 +104,14 @@ def run(args: argparse.Namespace, *, input_paths: Callable, write_outputs: Calla
     except ModelLoadError as exc:
         raise CLIError(str(exc)) from exc
     loaded = load_images(paths, Preprocessing(size=ld.image_size, channels=3, resize=args.resize), strict=args.strict)
+    loaded.skipped[:0] = skipped
     maps, scores, cost = _localize(ld, features, loaded.x0, _eval_images(loaded.paths, args.eval_size), args,
                                    template)
-    per_image = [(g, to_image_grid(maps[i:i + 1], g.shape)[0]) for i, g in enumerate(map(gray, loaded.paths))]
-    write_outputs(out, loaded.paths, per_image, scores, {
+    n = write_outputs(out, loaded.paths, lambda i, g: to_image_grid(maps[i:i + 1], g.shape)[0], scores, {
         "model": str(args.model), "settings": _settings(args, template, ld), **cost,
         "skipped": [[str(f), r] for f, r in loaded.skipped]})
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    print(f"wrote {args.out}: {len(per_image)} images localised ({len(loaded.skipped)} skipped), "
+    print(f"wrote {args.out}: {n} images localised ({len(loaded.skipped)} skipped), "
           f"{cost['unet_evaluations_per_image']:g} UNet and {cost['vae_evaluations_per_image']:g} VAE evaluations "
           "per image", file=sys.stderr)
 

@@ -77,8 +77,9 @@ from typing import Any
 
 import numpy as np
 
-from diffpath.data.discover import IMAGE_EXTENSIONS, NoImagesError, find_images
-from diffpath.io import InputError
+from diffpath.data.discover import (IMAGE_EXTENSIONS, ImageReadError, ImageSkippedWarning, NoImagesError,
+                                    find_images, regular_file_problem)
+from diffpath.io import RowFile
 
 __all__ = [
     "ALPHA_MODES",
@@ -100,20 +101,6 @@ RESIZE_MODES: tuple[str, ...] = ("auto", "pad", "bilinear", "center-crop")
 ALPHA_MODES: tuple[str, ...] = ("composite", "drop")
 #: Images with more pixels (width × height) are refused before decoding (see the module docstring).
 MAX_PIXELS: int = 50_000_000
-
-
-
-class ImageReadError(InputError):
-    """One image file that cannot be decoded or preprocessed."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{path}: cannot read image ({reason})")
-
-
-class ImageSkippedWarning(UserWarning):
-    """An unreadable image was skipped (not under ``strict``)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,14 +207,18 @@ def read_image(path: str | os.PathLike, *, alpha: str = "composite") -> np.ndarr
         alpha: ``"composite"`` (over black) or ``"drop"``; see the module docstring.
 
     Raises:
-        ImageReadError: the file is missing, truncated, corrupt, not an image, over
-            :data:`MAX_PIXELS` (checked before decoding), or of an unsupported mode.
+        ImageReadError: the file is missing, not a regular file (a FIFO or device is never
+            opened), truncated, corrupt, not an image, over :data:`MAX_PIXELS` (checked before
+            decoding), or of an unsupported mode.
     """
     from PIL import Image, ImageOps
 
     if alpha not in ALPHA_MODES:
         raise ValueError(f"alpha must be one of {', '.join(ALPHA_MODES)}, got {alpha!r}")
     path = Path(path)
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise ImageReadError(path, problem)
     try:
         with warnings.catch_warnings():  # our own limit below, with a clearer message
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -343,7 +334,8 @@ class LoadedImages:
     """Model inputs of the readable files, in input order.
 
     Attributes:
-        x0: (N, C, size, size) float32 in [-1, 1] (a memory map when ``buffer`` was given).
+        x0: (N, C, size, size) float32 in [-1, 1] (a copy-on-write memory map of the ``buffer``
+            file when one was given).
         paths: the N files that were read.
         skipped: (file, reason) of each file that could not be read.
     """
@@ -354,6 +346,20 @@ class LoadedImages:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def _read_one(f: Path, prep: Preprocessing, strict: bool) -> np.ndarray:
+    """One file's model input (C, size, size); :class:`ImageReadError` if it cannot be read."""
+    try:
+        pixels = read_image(f, alpha=prep.alpha)
+        try:
+            return preprocess(pixels, prep)
+        except ValueError as exc:
+            raise ImageReadError(f, str(exc)) from exc
+    except ImageReadError as exc:
+        if strict:
+            raise ImageReadError(f, exc.reason + "; --strict refuses unreadable files") from exc
+        raise
 
 
 def load_images(
@@ -371,7 +377,8 @@ def load_images(
         paths: image files (see :func:`find_images`).
         prep: the preprocessing recipe.
         strict: raise :class:`ImageReadError` at the first unreadable file instead of skipping it.
-        buffer: write the model inputs to this ``.npy`` memory map instead of memory (large folders).
+        buffer: write the model inputs to this file instead of memory (large folders; written
+            with ordinary file I/O, removed again if loading fails).
         progress: show a tqdm progress bar.
         on_skip: called with (file, reason) for each skipped file; default: an
             :class:`ImageSkippedWarning`.
@@ -379,50 +386,60 @@ def load_images(
     Raises:
         NoImagesError: no file at all could be read.
         ImageReadError: under ``strict``, the first unreadable file.
+        OutputError: the buffer cannot be written (a full disk: one line, the file removed).
     """
     files = [Path(p) for p in paths]
     if not files:
         raise NoImagesError("no input images given")
     shape = (len(files), prep.channels, prep.size, prep.size)
-    if buffer is not None:
-        Path(buffer).parent.mkdir(parents=True, exist_ok=True)
-        x0 = np.lib.format.open_memmap(buffer, mode="w+", dtype=np.float32, shape=shape)
-    else:
-        x0 = np.empty(shape, np.float32)
+    rows = RowFile(buffer, shape) if buffer is not None else None
+    x0 = np.empty(shape, np.float32) if rows is None else None
     kept: list[Path] = []
     skipped: list[tuple[Path, str]] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(files), unit="img", desc="reading", leave=False)
+    bar = _bar(len(files)) if progress else None
     try:
         for f in files:
-            try:
-                pixels = read_image(f, alpha=prep.alpha)
-                try:
-                    x = preprocess(pixels, prep)
-                except ValueError as exc:
-                    raise ImageReadError(f, str(exc)) from exc
-            except ImageReadError as exc:
-                if strict:
-                    raise ImageReadError(f, exc.reason + "; --strict refuses unreadable files") from exc
-                skipped.append((f, exc.reason))
-                if on_skip is not None:
-                    on_skip(f, exc.reason)
+            x = _read_or_skip(f, prep, strict, skipped, on_skip)
+            if x is not None:
+                if rows is not None:
+                    rows.write(x)
                 else:
-                    warnings.warn(f"skipping {f}: {exc.reason}", ImageSkippedWarning, stacklevel=2)
-            else:
-                x0[len(kept)] = x
+                    x0[len(kept)] = x
                 kept.append(f)
             if bar is not None:
                 bar.update(1)
+        if not kept:
+            raise NoImagesError(f"none of the {len(files)} input file(s) could be read as an image "
+                                f"(first: {skipped[0][0]}: {skipped[0][1]})")
+        out = rows.finish(len(kept)) if rows is not None else x0[: len(kept)]
+    except BaseException:
+        if rows is not None:
+            rows.abort()
+        raise
     finally:
         if bar is not None:
             bar.close()
-    if not kept:
-        raise NoImagesError(
-            f"none of the {len(files)} input file(s) could be read as an image "
-            f"(first: {skipped[0][0]}: {skipped[0][1]})"
-        )
-    return LoadedImages(x0=x0[: len(kept)], paths=kept, skipped=skipped)
+    return LoadedImages(x0=out, paths=kept, skipped=skipped)
+
+
+def _read_or_skip(f: Path, prep: Preprocessing, strict: bool, skipped: list[tuple[Path, str]],
+                  on_skip: Callable[[Path, str], None] | None) -> np.ndarray | None:
+    """One file's model input, or None when it is skipped (recorded in ``skipped``, reported to
+    ``on_skip`` or as an :class:`ImageSkippedWarning`); under ``strict`` the error is raised."""
+    try:
+        return _read_one(f, prep, strict)
+    except ImageReadError as exc:
+        if strict:
+            raise
+        skipped.append((f, exc.reason))
+        if on_skip is not None:
+            on_skip(f, exc.reason)
+        else:
+            warnings.warn(f"skipping {f}: {exc.reason}", ImageSkippedWarning, stacklevel=4)
+        return None
+
+
+def _bar(total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc="reading", leave=False)

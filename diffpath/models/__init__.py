@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +237,8 @@ def _schedule_from_diffusers_config(cfg: dict[str, Any]) -> NoiseSchedule:
 def _load_diffusers_folder(folder: Path) -> EpsModel:
     from diffusers import UNet2DModel
 
+    from .validate import check_scheduler_config, check_unet_config, read_json_object
+
     if (folder / "unet").is_dir():
         unet_dir = folder / "unet"
         sched_file = folder / "scheduler" / "scheduler_config.json"
@@ -248,11 +249,9 @@ def _load_diffusers_folder(folder: Path) -> EpsModel:
         raise ModelLoadError(
             f"{folder}: not a diffusers model folder (expected unet/ or config.json inside)"
         )
-    try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
-    except Exception as exc:  # diffusers raises a zoo of exception types
-        raise ModelLoadError(f"{unet_dir}: cannot load UNet2DModel: {exc}") from exc
-    sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    image_size = check_unet_config(read_json_object(unet_dir / "config.json"), unet_dir / "config.json")
+    sched_cfg = read_json_object(sched_file) if sched_file.is_file() else {}
+    check_scheduler_config(sched_cfg, sched_file)
     prediction_type = str(sched_cfg.get("prediction_type", "epsilon"))
     if prediction_type not in PREDICTION_TYPES:
         raise ModelLoadError(
@@ -260,11 +259,15 @@ def _load_diffusers_folder(folder: Path) -> EpsModel:
             f"the model's noise ε and can convert only {', '.join(PREDICTION_TYPES)}"
         )
     schedule = _schedule_from_diffusers_config(sched_cfg)
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False)
+    except Exception as exc:  # diffusers raises a zoo of exception types
+        raise ModelLoadError(f"{unet_dir}: cannot load UNet2DModel: {exc}") from exc
     cfg = dict(unet.config)
     return EpsModel(
         net=_DiffusersAdapter(unet).eval(),
         schedule=schedule,
-        image_size=int(cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]),
+        image_size=image_size,
         channels=int(cfg["in_channels"]),
         timestep_scale=1.0,
         kind="diffusers",
@@ -290,17 +293,23 @@ def _load_hub(repo_id: str) -> EpsModel:
 
 
 def _read_settings(pt: Path) -> dict[str, Any]:
+    from .validate import read_json_object
+
     for ext in (".json", ".yaml", ".yml"):
         cand = pt.with_suffix(ext)
         if cand.is_file():
-            text = cand.read_text()
             if ext == ".json":
-                return json.loads(text)
+                return read_json_object(cand)
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(cand.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise ModelLoadError(f"{cand}: not readable YAML ({' '.join(str(exc).split())})") from exc
+            if not isinstance(data, dict):
+                raise ModelLoadError(f"{cand}: must hold a mapping of settings, got {type(data).__name__}")
             # DiffPath's configs nest the settings under a top-level key in some files
-            if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+            if "model" in data and isinstance(data["model"], dict):
                 data = {**data, **data["model"]}
             return data
     from .zoo import zoo_settings_for
@@ -322,7 +331,11 @@ def _load_improved(pt: Path) -> EpsModel:
         schedule_from_settings,
     )
 
+    from .validate import check_image_size, check_timesteps
+
     settings = resolve_settings(_read_settings(pt))
+    check_image_size(settings["image_size"], f"{pt}'s settings")
+    check_timesteps(settings["diffusion_steps"], f"{pt}'s settings", "diffusion_steps")
     net = build_from_settings(settings)
     try:
         state = torch.load(pt, map_location="cpu", weights_only=True)

@@ -24,9 +24,9 @@ scorer's attributes (inside a ``Pipeline`` too), so the scorer classes may chang
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -217,9 +217,10 @@ def _typed(d: Any, allowed: Mapping[str, type], what: str) -> dict[str, Any]:
             continue
         t = allowed[k]
         ok = isinstance(v, bool) if t is bool else (
-            isinstance(v, (int, float)) and not isinstance(v, bool) if t in (int, float) else isinstance(v, t))
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (t is float or float(v).is_integer()) if t in (int, float) else isinstance(v, t))
         if not ok:
-            raise ScorerFormatError(f"{what}: {k} must be {t.__name__}, got {v!r}")
+            raise ScorerFormatError(f"{what}: {k} must be {t.__name__}{' (finite)' if t is float else ''}, got {v!r}")
         out[k] = t(v)
     return out
 
@@ -232,8 +233,82 @@ def _precisions(chol: np.ndarray, cov_type: str) -> np.ndarray:
     return chol**2
 
 
-def load_scorer(path: str | os.PathLike, desc: Mapping[str, Any]) -> RestoredScorer:
-    """Rebuild a scorer from the ``.npz`` ``path`` and its JSON description ``desc``.
+def _check_cholesky(chol: np.ndarray, cov_type: str) -> None:
+    """Cholesky factors of precisions have a positive diagonal (a zero gives -inf log-densities)."""
+    diag = {"full": lambda c: np.diagonal(c, axis1=1, axis2=2), "tied": np.diagonal}.get(cov_type, lambda c: c)(chol)
+    if not np.all(diag > 0):
+        raise ScorerFormatError("scorer array 'gmm.precisions_cholesky' must have a positive diagonal "
+                                f"(found {int(np.sum(~(diag > 0)))} entries ≤ 0)")
+
+
+def _expected_arrays(desc: Mapping[str, Any], kind: str, D: int, n_rows: int | None) -> dict[str, tuple]:
+    """The arrays a description promises: name → (dtype kind, shape), read header first."""
+    spec: dict[str, tuple] = {}
+    if desc.get("scaler"):
+        spec.update({f"scaler.{k}": ("f", (D,)) for k in ("mean", "scale", "var")})
+    if kind == "kde":
+        spec["kde.data"] = ("f", (n_rows, D))
+        return spec
+    ep = _typed(desc.get("estimator", {}), _GMM_PARAMS, "estimator")
+    K, ct = ep.get("n_components"), ep.get("covariance_type")
+    if not K or not 1 <= K <= 100_000 or ct not in _COV_TYPES:
+        raise ScorerFormatError(f"bad GMM settings (n_components={K!r}, covariance_type={ct!r})")
+    cov_shape = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
+    spec.update({"gmm.weights": ("f", (K,)), "gmm.means": ("f", (K, D)), "gmm.covariances": ("f", cov_shape),
+                 "gmm.precisions_cholesky": ("f", cov_shape)})
+    return spec
+
+
+def _read_arrays(path: str | os.PathLike, spec: Mapping[str, tuple], scaler: bool) -> dict[str, np.ndarray]:
+    from diffpath.io import InputError, read_npz_checked
+
+    optional = tuple(k for k in spec if k.startswith("scaler.")) if scaler else ()
+    try:
+        return read_npz_checked(path, spec, optional=optional)
+    except InputError as exc:
+        raise ScorerFormatError(" ".join(str(exc).split())) from exc
+
+
+def _scaler(desc: Mapping[str, Any], z: Mapping[str, np.ndarray], D: int) -> StandardScaler:
+    sp = _typed(desc.get("scaler_params", {}), {"with_mean": bool, "with_std": bool,
+                                               "n_samples_seen": int}, "scaler_params")
+    scaler = StandardScaler(with_mean=sp.get("with_mean", True), with_std=sp.get("with_std", True))
+    scaler.mean_ = _array(z, "scaler.mean", (D,)) if "scaler.mean" in z else None
+    scaler.scale_ = _array(z, "scaler.scale", (D,)) if "scaler.scale" in z else None
+    scaler.var_ = _array(z, "scaler.var", (D,)) if "scaler.var" in z else None
+    if scaler.scale_ is not None and np.any(scaler.scale_ <= 0):
+        raise ScorerFormatError("scorer array 'scaler.scale' must be positive")
+    scaler.n_samples_seen_ = sp.get("n_samples_seen", 0)
+    scaler.n_features_in_ = D
+    return scaler
+
+
+def _gmm(desc: Mapping[str, Any], z: Mapping[str, np.ndarray], D: int) -> GaussianMixture:
+    ep = _typed(desc.get("estimator", {}), _GMM_PARAMS, "estimator")
+    K, ct = ep["n_components"], ep["covariance_type"]
+    cov_shape = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
+    g = GaussianMixture(**ep)
+    g.weights_ = _array(z, "gmm.weights", (K,))
+    if np.any(g.weights_ < 0) or abs(float(g.weights_.sum()) - 1.0) > 1e-6:
+        raise ScorerFormatError("GMM weights must be non-negative and sum to 1")
+    g.means_ = _array(z, "gmm.means", (K, D))
+    g.covariances_ = _array(z, "gmm.covariances", cov_shape)
+    g.precisions_cholesky_ = _array(z, "gmm.precisions_cholesky", cov_shape)
+    _check_cholesky(g.precisions_cholesky_, ct)
+    g.precisions_ = _precisions(g.precisions_cholesky_, ct)
+    g.converged_, g.n_iter_, g.lower_bound_ = True, 0, -np.inf
+    g.n_features_in_ = D
+    return g
+
+
+def load_scorer(path: str | os.PathLike, desc: Mapping[str, Any], *, n_features: int | None = None,
+                n_rows: int | None = None) -> RestoredScorer:
+    """Rebuild a scorer from the ``.npz`` ``path`` and its JSON description ``desc``; every
+    array's header (dtype, shape) is checked against the description before its data is read.
+
+    Args:
+        n_features: the feature count the caller expects (D), if known.
+        n_rows: the number of fitted rows a KDE must hold (its training images), if known.
 
     Raises:
         ScorerFormatError: a missing or malformed file or description.
@@ -245,50 +320,22 @@ def load_scorer(path: str | os.PathLike, desc: Mapping[str, Any]) -> RestoredSco
                                 f"supported (this diffpath reads {VERSION})")
     kind = desc.get("kind")
     D = desc.get("n_features")
-    if kind not in ("gmm", "kde") or not isinstance(D, int) or isinstance(D, bool) or D < 1:
+    if kind not in ("gmm", "kde") or not isinstance(D, int) or isinstance(D, bool) or not 1 <= D <= 10_000:
         raise ScorerFormatError(f"bad scorer kind or feature count ({kind!r}, {D!r})")
-    try:
-        with np.load(Path(path), allow_pickle=False) as npz:
-            z = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise ScorerFormatError(f"{path}: unreadable scorer file ({exc})") from exc
-    scaler = None
-    if desc.get("scaler"):
-        sp = _typed(desc.get("scaler_params", {}), {"with_mean": bool, "with_std": bool,
-                                                   "n_samples_seen": int}, "scaler_params")
-        scaler = StandardScaler(with_mean=sp.get("with_mean", True), with_std=sp.get("with_std", True))
-        scaler.mean_ = _array(z, "scaler.mean", (D,)) if "scaler.mean" in z else None
-        scaler.scale_ = _array(z, "scaler.scale", (D,)) if "scaler.scale" in z else None
-        scaler.var_ = _array(z, "scaler.var", (D,)) if "scaler.var" in z else None
-        if scaler.scale_ is not None and np.any(scaler.scale_ <= 0):
-            raise ScorerFormatError("scorer array 'scaler.scale' must be positive")
-        scaler.n_samples_seen_ = sp.get("n_samples_seen", 0)
-        scaler.n_features_in_ = D
+    if n_features is not None and D != n_features:
+        raise ScorerFormatError(f"the scorer takes {D} features, the detector's method gives {n_features}")
+    z = _read_arrays(path, _expected_arrays(desc, kind, D, n_rows), bool(desc.get("scaler")))
+    scaler = _scaler(desc, z, D) if desc.get("scaler") else None
     params = desc.get("params") if isinstance(desc.get("params"), Mapping) else {}
     best = desc.get("best_params") if isinstance(desc.get("best_params"), Mapping) else None
     if kind == "gmm":
-        ep = _typed(desc.get("estimator", {}), _GMM_PARAMS, "estimator")
-        K, ct = ep.get("n_components"), ep.get("covariance_type")
-        if not K or K < 1 or ct not in _COV_TYPES:
-            raise ScorerFormatError(f"bad GMM settings (n_components={K!r}, covariance_type={ct!r})")
-        cov_shape = {"full": (K, D, D), "tied": (D, D), "diag": (K, D), "spherical": (K,)}[ct]
-        g = GaussianMixture(**ep)
-        g.weights_ = _array(z, "gmm.weights", (K,))
-        if np.any(g.weights_ < 0) or abs(float(g.weights_.sum()) - 1.0) > 1e-6:
-            raise ScorerFormatError("GMM weights must be non-negative and sum to 1")
-        g.means_ = _array(z, "gmm.means", (K, D))
-        g.covariances_ = _array(z, "gmm.covariances", cov_shape)
-        g.precisions_cholesky_ = _array(z, "gmm.precisions_cholesky", cov_shape)
-        g.precisions_ = _precisions(g.precisions_cholesky_, ct)
-        g.converged_, g.n_iter_, g.lower_bound_ = True, 0, -np.inf
-        g.n_features_in_ = D
-        est: Any = g
+        est: Any = _gmm(desc, z, D)
     else:
         ep = _typed(desc.get("estimator", {}), {**_KDE_PARAMS, "bandwidth": float}, "estimator")
         if not ep.get("bandwidth", 0) > 0:
-            raise ScorerFormatError("the KDE bandwidth must be positive")
-        data = z.get("kde.data")
-        if data is None or data.ndim != 2 or data.shape[1] != D or len(data) < 1:
-            raise ScorerFormatError(f"scorer array 'kde.data' must be (N, {D})")
+            raise ScorerFormatError("the KDE bandwidth must be a positive finite number")
+        data = z["kde.data"]
+        if len(data) < 1:
+            raise ScorerFormatError(f"scorer array 'kde.data' must be (N, {D}) with N ≥ 1")
         est = KernelDensity(**ep).fit(_array(z, "kde.data", data.shape))
     return RestoredScorer(kind, scaler, est, D, params=dict(params), best_params=dict(best) if best else None)

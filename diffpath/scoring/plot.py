@@ -11,7 +11,8 @@ __all__ = ["plot_scores"]
 
 def plot_scores(train_scores: np.ndarray, scores: np.ndarray, threshold: float, *,
                 accept: float = 0.95, title: str = "", fmt: str = "png") -> bytes:
-    """Histogram of the normal training scores (N,) vs the scored images (M,), with the threshold.
+    """Histogram of the normal (calibration) scores (N,) vs the scored images (M,), with the
+    threshold (none drawn when it is ``-inf``: too few calibration images to flag anything).
 
     Scores far below the normal range (log-densities of OOD images can be huge negatives) are
     pooled at the left edge, and their count is written on the plot. ``fmt``: png, pdf or svg.
@@ -35,12 +36,13 @@ def plot_scores(train_scores: np.ndarray, scores: np.ndarray, threshold: float, 
     FigureCanvasAgg(fig)  # the Agg backend, whatever pyplot uses
     ax = fig.add_subplot()
     ax.hist(np.clip(tr, lo, hi), bins=bins, alpha=0.55, density=True,
-            label=f"normal (fit), n={len(tr)}", color="tab:blue")
+            label=f"normal (calibration), n={len(tr)}", color="tab:blue")
     if len(sc):
         ax.hist(np.clip(np.nan_to_num(sc, neginf=lo, posinf=hi), lo, hi), bins=bins, alpha=0.55,
                 density=True, label=f"scored, n={len(sc)}", color="tab:orange")
-    ax.axvline(threshold, color="k", ls="--", lw=1.2,
-               label=f"threshold (accepts {accept:.0%} of normal)")
+    if np.isfinite(threshold):
+        ax.axvline(threshold, color="k", ls="--", lw=1.2,
+                   label=f"threshold (accepts ≥ {accept:.0%} of normal)")
     if clipped:
         ax.annotate(f"{clipped} below {lo:.4g} (at the edge)", xy=(0.01, 0.95),
                     xycoords="axes fraction", va="top", fontsize=8)

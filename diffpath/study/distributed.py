@@ -152,8 +152,9 @@ def dist_env(backend: str = "auto", device: str = "auto", timeout_min: float = 1
 def load_x0(path: str | Path, channels: int, size: int) -> np.ndarray:
     """Model inputs from ``.npy`` (float (N, C, H, W) in [-1, 1]; memory-mapped, so each rank reads
     only its chunks) or ``.npz``
-    (``x0`` or uint8 ``images``, see :func:`diffpath.io.load_images_npz`)."""
-    from diffpath.io import InputError, load_images_npz
+    (``x0`` or uint8 ``images``, see :func:`diffpath.data.arrays.load_images_npz`)."""
+    from diffpath.data.arrays import load_images_npz
+    from diffpath.io import InputError
 
     path = Path(path)
     if path.suffix == ".npz":
@@ -242,14 +243,16 @@ def _run_stage_shards(dataset: str, split: str, *, params_file: str | Path, back
     finished cache kept there, so that ``dvc repro errors@DATASET`` copies it instead of
     recomputing (and records it in ``dvc.lock``)."""
     from diffpath.data import checksum
-    from diffpath.study.layout import Layout, read_npz
+    from diffpath.study.layout import Layout, read_prepared_x0
+    from diffpath.study.params_check import check_stage_params
     from diffpath.study.stages import load_params
 
     params = load_params(params_file)
+    check_stage_params("errors", params, dataset)
     layout = Layout.of(params)
     model = params["model"]
     errors = dict(params["errors"])
-    x0 = read_npz(layout.prepared(dataset, split), ("x0",))["x0"]
+    x0 = read_prepared_x0(layout.prepared(dataset, split))
     run = {k: model[k] for k in ("precision", "channels_last", "compile", "cuda_graphs") if k in model}
     cache = run_sharded(model["spec"], x0, layout.errors(dataset, split), run_options=run, backend=backend,
                         device=str(model.get("device", "auto")), data_key=checksum(x0), progress=progress,

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Layout", "StageInputError", "load_cache", "read_npz"]
+__all__ = ["Layout", "StageInputError", "load_cache", "read_npz", "read_prepared_x0"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,25 @@ def read_npz(path: str | Path, keys: tuple[str, ...] | None = None) -> dict[str,
     except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError …
         raise StageInputError(f"{path}: unreadable or truncated ({type(exc).__name__}: {exc}); "
                               "run `dvc repro` to rebuild it") from None
+
+
+def read_prepared_x0(path: str | Path) -> np.ndarray:
+    """The model inputs ``x0`` (N, C, H, W) of a prepared split, checked: a float array of four
+    dimensions, holding at least one image, finite (no NaN or inf), in [-1, 1]. Anything else is a
+    :class:`StageInputError` naming the file and the fix, before any model work."""
+    x0 = read_npz(path, ("x0",))["x0"]
+    fix = "rebuild it with `dvc repro` (the data stage)"
+    if x0.dtype.kind != "f" or x0.ndim != 4 or len(x0) == 0:
+        raise StageInputError(f"{path}: x0 is {x0.dtype} of shape {x0.shape}, expected float (N, C, H, W) "
+                              f"with N ≥ 1; {fix}")
+    bad = ~np.isfinite(x0).reshape(len(x0), -1).all(axis=1)
+    if bad.any():
+        raise StageInputError(f"{path}: x0 holds NaN or inf in {int(bad.sum())} of {len(x0)} images "
+                              f"(first: image {int(np.flatnonzero(bad)[0])}); {fix}")
+    lo, hi = float(x0.min()), float(x0.max())
+    if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
+        raise StageInputError(f"{path}: x0 must lie in [-1, 1], found values in [{lo:.3g}, {hi:.3g}]; {fix}")
+    return x0
 
 
 def load_cache(path: str | Path) -> dict[str, np.ndarray]:

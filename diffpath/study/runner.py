@@ -1,9 +1,11 @@
 """Executing a stage: its notebook through papermill, then a byte-stable record and HTML.
 
-:func:`run_stage` passes the stage's parameters (:func:`~diffpath.study.stages.stage_parameters`)
-to its notebook and writes the executed notebook under the profile's ``reports/notebooks/``;
-:func:`normalize_executed` makes that record a function of its inputs (no run times, relative
-paths, fixed ids), and :func:`render_html` renders it.
+:func:`run_stage` checks the stage's parameters (:func:`~diffpath.study.params_check.
+check_stage_params`: one line naming the stage and the parameter, before any kernel starts), passes
+them (:func:`~diffpath.study.stages.stage_parameters`) to its notebook and writes the executed
+notebook under the profile's ``reports/notebooks/``, only when the stage succeeds (a failed stage
+leaves no executed notebook behind); :func:`normalize_executed` makes that record a function of
+its inputs (no run times, relative paths, fixed ids), and :func:`render_html` renders it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import yaml
 
 from diffpath.io import write_text_atomic
 from diffpath.study.layout import Layout, StageInputError
+from diffpath.study.params_check import check_stage_params
 from diffpath.study.stages import ROOT, load_params, stage_of, stage_parameters
 
 __all__ = ["run_stage", "normalize_executed", "render_html", "apply_overrides"]
@@ -52,33 +55,43 @@ def run_stage(
     cwd: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> Path:
-    """Execute the stage's notebook with its parameters; returns the executed notebook's path."""
-    import papermill as pm
+    """Execute the stage's notebook with its parameters; returns the executed notebook's path.
 
+    Raises:
+        ParamError: a bad parameter (before anything runs); StageInputError: a bad input artifact.
+    """
     st = stage_of(stage)
     cwd = Path(cwd) if cwd is not None else Path.cwd()
     p = dict(params) if params is not None else load_params(cwd / params_file)
     nb_params = stage_parameters(stage, p, item)
+    check_stage_params(stage, p, item)
     layout = Layout.of(p)
     out = Path(output) if output is not None else cwd / st.executed_path(item, layout)
     out.parent.mkdir(parents=True, exist_ok=True)
     notebook = cwd / st.notebook if (cwd / st.notebook).is_file() else ROOT / st.notebook
+    tmp = out.with_name(f".{out.stem}.running{out.suffix}")
+    try:
+        _execute(stage, notebook, tmp, nb_params, cwd, progress)
+        normalize_executed(tmp, st.notebook, st.executed_path(item, layout), root=cwd)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _execute(stage: str, notebook: Path, out: Path, parameters: dict[str, Any], cwd: Path,
+             progress: bool) -> None:
+    """papermill, with a bad input artifact (:class:`StageInputError` in the notebook) as one line."""
+    import papermill as pm
+
     try:
         with _kernel_env(TQDM_DISABLE="1"):  # no progress bars (with timings) in the record
-            pm.execute_notebook(
-                str(notebook),
-                str(out),
-                parameters=nb_params,
-                cwd=str(cwd),
-                progress_bar=progress,
-                kernel_name="python3",
-            )
+            pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd),
+                                progress_bar=progress, kernel_name="python3")
     except pm.PapermillExecutionError as exc:
         if exc.ename == StageInputError.__name__:  # a bad input artifact: one line, not a traceback
-            raise StageInputError(f"stage {stage}: {exc.evalue} (executed notebook: {out})") from None
+            raise StageInputError(f"stage {stage}: {exc.evalue}") from None
         raise
-    normalize_executed(out, st.notebook, st.executed_path(item, layout), root=cwd)
-    return out
 
 
 @contextmanager
