@@ -30,7 +30,8 @@ def test_dvc_yaml_declares_what_each_stage_reads():
     for name, st in STAGES.items():
         stage = dvc[name]["do"] if "foreach" in dvc[name] else dvc[name]
         assert sorted(stage["params"]) == sorted(st.dvc_params()), name
-        assert stage["cmd"].startswith(f"python -m diffpath.study {name}")
+        cmd = stage["cmd"][0] if isinstance(stage["cmd"], list) else stage["cmd"]
+        assert cmd.startswith(f"python -m diffpath.study {name}")
         assert st.notebook in stage["deps"], name
         nb = json.loads((ROOT / st.notebook).read_text())
         tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]

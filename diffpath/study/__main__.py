@@ -12,11 +12,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 from diffpath.study.layout import StageInputError
-from diffpath.study.runner import apply_overrides, render_html, run_stage
+from diffpath.study.runner import apply_overrides, run_stage, stage_label
 from diffpath.study.stages import STAGES, load_params
 
 
@@ -27,7 +29,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml", help="parameters file (default params.yaml)")
     ap.add_argument("-p", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a parameter for this run only (YAML value)")
-    ap.add_argument("--html", metavar="FILE", help="also render the executed notebook to HTML")
     ap.add_argument("--list", action="store_true", help="list the stages and their parameters")
     args = ap.parse_args(argv)
     if args.list or not args.stage:
@@ -35,17 +36,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:16s} {st.notebook:36s} params: {', '.join(st.params)}"
                   + (f"  foreach: {st.item}" if st.item else ""))
         return 0
+    start = time.perf_counter()
     try:
         params = load_params(args.params)
         apply_overrides(params, args.overrides)
         out = run_stage(args.stage, args.item, params=params, progress=sys.stderr.isatty())
-        if args.html:
-            render_html(out, args.html)
     except (ValueError, KeyError, FileNotFoundError, StageInputError) as exc:
         print(f"diffpath.study: error: {exc}", file=sys.stderr)
         return 2
-    print(f"executed {out}", file=sys.stderr)
+    print(done_line(stage_label(args.stage, args.item), time.perf_counter() - start, out), file=sys.stderr)
     return 0
+
+
+def done_line(label: str, seconds: float, out: os.PathLike | str) -> str:
+    """The one line a finished stage prints: its name, its wall time and its executed notebook."""
+    return f"{label:26s} {seconds:7.1f} s   {os.path.relpath(out)}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,9 +1,10 @@
-"""Executing a stage: its notebook through papermill, then a byte-stable record and HTML.
+"""Executing a stage: its notebook through papermill, then a byte-stable record.
 
 :func:`run_stage` passes the stage's parameters (:func:`~diffpath.study.stages.stage_parameters`)
 to its notebook and writes the executed notebook under the profile's ``reports/notebooks/``;
 :func:`normalize_executed` makes that record a function of its inputs (no run times, relative
-paths, fixed ids), and :func:`render_html` renders it.
+paths, fixed ids). The kernel is the study's own (:mod:`diffpath.study.kernel`); the study's pages
+are built from the records by :mod:`diffpath.study.site`.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 import yaml
 
 from diffpath.io import write_text_atomic
+from diffpath.study.kernel import study_kernel
 from diffpath.study.layout import Layout, StageInputError
 from diffpath.study.stages import ROOT, STAGES, load_params, stage_parameters
 
-__all__ = ["run_stage", "normalize_executed", "render_html", "apply_overrides"]
+__all__ = ["run_stage", "normalize_executed", "apply_overrides", "stage_label", "progress_bar"]
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -65,22 +67,30 @@ def run_stage(
     out = Path(output) if output is not None else cwd / st.executed_path(item, layout)
     out.parent.mkdir(parents=True, exist_ok=True)
     notebook = cwd / st.notebook if (cwd / st.notebook).is_file() else ROOT / st.notebook
+    bar = progress_bar(stage, item) if progress else False
     try:
-        with _kernel_env(TQDM_DISABLE="1"):  # no progress bars (with timings) in the record
-            pm.execute_notebook(
-                str(notebook),
-                str(out),
-                parameters=nb_params,
-                cwd=str(cwd),
-                progress_bar=progress,
-                kernel_name="python3",
-            )
+        with _kernel_env(TQDM_DISABLE="1"), study_kernel() as kernel:  # no progress bars (timings) in the record
+            pm.execute_notebook(str(notebook), str(out), parameters=nb_params, cwd=str(cwd), progress_bar=bar,
+                                **kernel)
     except pm.PapermillExecutionError as exc:
         if exc.ename == StageInputError.__name__:  # a bad input artifact: one line, not a traceback
             raise StageInputError(f"stage {stage}: {exc.evalue} (executed notebook: {out})") from None
         raise
     normalize_executed(out, st.notebook, st.executed_path(item, layout), root=cwd)
     return out
+
+
+def stage_label(stage: str, item: str | None = None) -> str:
+    """The stage's name as DVC prints it: ``errors@mnist`` for a foreach item."""
+    return f"{stage}@{item}" if item is not None else stage
+
+
+def progress_bar(stage: str, item: str | None = None) -> dict[str, Any]:
+    """papermill's per-cell bar for a terminal, named after the stage and erased when the stage
+    ends (its one line, printed by ``python -m diffpath.study``, takes the bar's place)."""
+    import tqdm  # noqa: F401  imported before TQDM_DISABLE is set for the kernel: this bar stays on
+
+    return {"desc": stage_label(stage, item), "leave": False}
 
 
 @contextmanager
@@ -169,12 +179,3 @@ def _relative_text(output: dict[str, Any], root: str) -> None:
             data[mime] = fix(data[mime])
     if "traceback" in output:
         output["traceback"] = fix(output["traceback"])
-
-
-def render_html(notebook: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Render an executed notebook to a standalone HTML page (atomically)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(notebook), as_version=4))
-    write_text_atomic(target, body)
