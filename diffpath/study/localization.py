@@ -11,16 +11,18 @@ from the normal images beside it).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffpath.core.sampling import StepCallback
 from diffpath.data import to_model_input
-from diffpath.data.anomalies import AnomalySet
+from diffpath.data.anomalies import AnomalySet, synthetic_anomalies
 from diffpath.methods.localization import LocalizationResult, MapSpec, localize
 
-__all__ = ["table_maps", "batch_maps"]
+__all__ = ["table_maps", "batch_maps", "write_example"]
 
 
 def _one_image(callback: StepCallback | None, k: int) -> StepCallback | None:
@@ -94,3 +96,24 @@ def batch_maps(model: Any, bench: AnomalySet, spec: MapSpec, image: int, *, seed
     res = localize(model, x0[lo : lo + batch_size], spec, first_index=lo, seed=seed, batch_size=batch_size,
                    scales=scales, callback=_one_image(callback, k), out_size=bench.images.shape[1:3], **table)
     return res, k
+
+
+def write_example(folder: str | Path, dataset: str = "fashion_mnist", n_per_class: int = 60,
+                  seed: int = 0) -> list[Path]:
+    """Images to try ``diffpath localize`` on: the first patched image of every class of the
+    table's benchmark, as ``folder/images/NN_<class>.png``, with its ground truth as
+    ``folder/masks/NN_<class>.png`` (255 on the patch). Returns the image paths."""
+    from PIL import Image
+
+    bench = synthetic_anomalies(dataset, n_per_class=n_per_class, seed=seed)
+    out = Path(folder)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for c, name in enumerate(bench.class_names):
+        i = int(np.flatnonzero((bench.labels == 1) & (bench.classes == c))[0])
+        stem = f"{c:02d}_" + "".join(ch if ch.isalnum() else "_" for ch in name)
+        Image.fromarray(bench.images[i]).save(out / "images" / f"{stem}.png")
+        Image.fromarray(bench.masks[i].astype(np.uint8) * 255).save(out / "masks" / f"{stem}.png")
+        paths.append(out / "images" / f"{stem}.png")
+    return paths

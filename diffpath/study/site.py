@@ -2,16 +2,17 @@
 
 Sphinx with myst-nb (notebooks as pages, never re-executed: ``nb_execution_mode = "off"``) and the
 sphinx-book-theme: the parts Jupyter Book 1 is made of, configured here in one mapping
-(:data:`SPHINX_CONFIG`) instead of Jupyter Book's ``_config.yml``/``_toc.yml`` layer, so the site
-needs no more packages than those three and the build is one function call. Everything is local
-(theme, fonts, search), so the pages open offline from the file system.
+(:data:`SPHINX_CONFIG`) instead of Jupyter Book's ``_config.yml``/``_toc.yml`` layer. Jupyter Book 1
+is in maintenance (its successor is a Node.js tool) and would add a dozen packages around the same
+three; without it the build is one function call, pure Python and offline (theme, fonts and search
+are local files), and the pages open from the file system.
 
-Each page is an executed notebook (:data:`~diffpath.study.stages.SITE_PAGES`: the front page, the walkthroughs, the report, the
-localisation table, the timesteps findings, the base-model evidence), copied and prepared for a
-reader by :func:`prepare_page`: every code cell folded behind a toggle ("hide-input"), and one
-parameters cell where papermill's run left two. Captions come from each figure cell's
-``mystnb.figure`` metadata. Pages carry no build time, so a rebuild from the same notebooks writes
-the same bytes.
+Each page is an executed notebook (:data:`~diffpath.study.stages.SITE_PAGES`: the front page, the
+walkthroughs, the report, the localisation table, the timesteps findings, the base-model
+evidence), copied and prepared for a reader by :func:`prepare_page`: every code cell folded behind
+a toggle ("hide-input"), one parameters cell where papermill's run left two, and links between
+notebooks made links between pages. Captions come from each figure cell's ``mystnb.figure``
+metadata. Pages carry no build time, so a rebuild from the same notebooks writes the same bytes.
 """
 
 from __future__ import annotations
