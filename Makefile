@@ -38,17 +38,19 @@ COMPILE = CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_TOOLS)/bin/pip-compile --qui
 	--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
 	$(LOCK_ARGS)
 
-.PHONY: setup setup-gpu system-deps repro test test-slow paper paper-localization paper-compare verify lab \
-	lock clean-venv env-install
+.PHONY: setup setup-gpu system-deps test-deps repro test test-slow paper paper-localization paper-compare \
+	verify lab site lock clean-venv env-install
 
 # Installs the lock and nothing else (--no-deps: pip resolves nothing; --require-hashes:
-# every file is checked), then the project itself, into ENV_DIR; .installed names the lock.
+# every file is checked), then the project itself, into ENV_DIR, and registers its kernel
+# "Python (diffpath)" for JupyterLab; .installed names the lock.
 env-install:
 	test -x $(ENV_DIR)/bin/python || python3 -m venv $(ENV_DIR)
 	$(ENV_DIR)/bin/python -m pip install -q $(PIP_PIN)
 	$(ENV_DIR)/bin/python -m pip install -q --require-hashes --no-deps -r $(ENV_LOCK)
 	$(ENV_DIR)/bin/python -m pip install -q --no-deps -e .
 	$(ENV_DIR)/bin/python -m pip check
+	$(ENV_DIR)/bin/python -m ipykernel install --sys-prefix --name diffpath --display-name "Python (diffpath)" >/dev/null
 	sha256sum $(ENV_LOCK) > $(ENV_DIR)/.installed
 
 # $(call ensure_env,VENV,LOCK): install LOCK into VENV unless VENV holds exactly it (lockcheck exit 1:
@@ -70,12 +72,24 @@ setup: system-deps
 setup-gpu: system-deps
 	$(call ensure_env,$(GPU_VENV),$(GPU_LOCK))
 
-## the main job: rebuild every table and figure of the embedded profile
+## the main job: rebuild every table, figure and page of the embedded profile (one line per stage
+## that runs, with its wall time; about 20 minutes on 2 CPU cores from scratch)
 repro: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro --quiet
+
+## the study's pages (reports/site/index.html) from the executed notebooks, without rerunning them
+site: setup
+	$(PY) -m diffpath.study.site --notebooks reports/notebooks --out reports/site
+
+## what the browser test needs: Chromium and its driver from Debian (where they cannot be
+## installed, the test is skipped and says why)
+test-deps:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; } || \
+		echo "make: chromium and chromium-driver could not be installed; the browser test will be skipped"
 
 ## the test suite (about 5 minutes on 2 CPU cores)
-test: setup
+test: setup test-deps
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 ## the slow tests too (full pipelines in scratch clones, DVC remotes and queued sweeps: minutes)
@@ -124,13 +138,15 @@ paper-localization: system-deps
 	$(PAPER_VENV)/bin/python -m diffpath.study.profiles paper-localization $(if $(GPU),,--no-gpu) $(if $(MODEL),--model "$(MODEL)") $(if $(DINO),--dino "$(DINO)") $(if $(DATA_ROOT),--data-root "$(DATA_ROOT)")
 	PATH="$(abspath $(PAPER_VENV))/bin:$$PATH" $(PAPER_VENV)/bin/dvc repro
 
-## JupyterLab on notebooks/, with the project's kernel "Python (diffpath)" (.venv's Python)
+## JupyterLab on notebooks/, with the project's kernel "Python (diffpath)" (.venv's Python);
+## .jupyter/jupyter_server_config.py makes every save write the notebook as committed (no outputs,
+## the committed metadata), so running a notebook leaves git status and dvc status clean
 LAB_ARGS ?=
 LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 lab: setup
 	$(PY) -m ipykernel install --sys-prefix --name diffpath --display-name "Python (diffpath)"
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m jupyterlab --ServerApp.root_dir=notebooks \
-		--MultiKernelManager.default_kernel_name=diffpath $(LAB_ROOT) $(LAB_ARGS)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m jupyterlab --config=.jupyter/jupyter_server_config.py \
+		--ServerApp.root_dir=notebooks --MultiKernelManager.default_kernel_name=diffpath $(LAB_ROOT) $(LAB_ARGS)
 
 ## refresh the locks from pyproject.toml and requirements/*.in (needs the package index;
 ## about 10 minutes each); then update environment.yml's pins and run tests/test_environment.py

@@ -149,6 +149,10 @@ def test_each_stage_depends_on_exactly_the_code_it_runs(tmp_path):
         deps = {d for d in st["deps"] if d.startswith("diffpath/") and d.endswith(".py")}
         notebook = next(d for d in st["deps"] if d.startswith("notebooks/"))
         runs = entry | _runs(_notebook_script(ROOT / notebook, tmp_path))
+        for cmd in st["cmd"] if isinstance(st["cmd"], list) else [st["cmd"]]:  # `python -m MODULE` after it
+            module = cmd.split()[2]
+            if module != "diffpath.study":
+                runs |= _runs(ROOT / (module.replace(".", "/") + ".py"))
         assert "diffpath/study/pipeline.py" not in deps, f"stage {name} depends on the dvc.yaml generator"
         assert deps - runs == set(), f"stage {name} depends on modules it does not run: {sorted(deps - runs)}"
         assert runs - deps == set(), f"stage {name} runs modules it does not depend on: {sorted(runs - deps)}"

@@ -433,8 +433,9 @@ def test_denoise_t0_ablation_restores_a_schedule_mismatch():
 def test_one_image_gets_the_tables_maps_bit_for_bit(tiny_model, spec):
     """``table_maps`` as notebook 30 calls it (every image) and as notebook 35 calls it (one image,
     with a callback): the same maps, scores and reconstruction, for images in the first, a middle
-    and the last (short) batch; the stochastic draws the callback shows are the table's draws."""
-    from diffpath.study.localization import table_maps
+    and the last (short) batch; the stochastic draws the callback shows are the table's draws; and
+    ``batch_maps`` gives the table's maps of the whole batch that holds an image."""
+    from diffpath.study.localization import batch_maps, table_maps
 
     bench = synthetic_anomalies("fashion_mnist", n_per_class=2)  # 20 images, batches of 8, 8, 4
     kw = {"seed": 3, "batch_size": 8, "smooth_sigma": 3.0}
@@ -451,5 +452,7 @@ def test_one_image_gets_the_tables_maps_bit_for_bit(tiny_model, spec):
         ends = [s["x_next"] for s in steps if s["phase"] == "denoise" and s["i"] == spec.steps - 1]
         assert len(ends) == spec.draws
         assert np.array_equal(torch.stack(ends).mean(0)[0].numpy(), table.x_hat[i])
+    whole, k = batch_maps(tiny_model, bench, spec, 9, **kw)  # the batch beside image 9: images 8 … 15
+    assert k == 1 and all(np.array_equal(whole.maps[m], table.maps[m][8:16]) for m in spec.maps)
     other = table_maps(tiny_model, bench, spec, image=9, **{**kw, "seed": 4})
     assert spec.kind == "deterministic" or not np.array_equal(other.maps["pixel"][0], table.maps["pixel"][9])

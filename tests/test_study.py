@@ -30,7 +30,8 @@ def test_dvc_yaml_declares_what_each_stage_reads():
     for name, st in STAGES.items():
         stage = dvc[name]["do"] if "foreach" in dvc[name] else dvc[name]
         assert sorted(stage["params"]) == sorted(st.dvc_params()), name
-        assert stage["cmd"].startswith(f"python -m diffpath.study {name}")
+        cmd = stage["cmd"][0] if isinstance(stage["cmd"], list) else stage["cmd"]
+        assert cmd.startswith(f"python -m diffpath.study {name}")
         assert st.notebook in stage["deps"], name
         nb = json.loads((ROOT / st.notebook).read_text())
         tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
@@ -82,11 +83,22 @@ def study(tmp_path_factory, tiny_model):
     p["errors"].update(steps=3, batch_size=16, chunk_size=32, n_maps=2, num_threads=1, clip_x0_hat=True)
     p["scorers"]["gmm"].update(n_components=[1, 2], covariance_type=["diag"], cv=3, max_iter=20)
     p["walkthrough"].update(in_dist="fashion_mnist", ood="noise")
+    p["base_model_eval"].update(n_eval_images=8, n_eval_timesteps=3, n_samples=4, sample_steps=2, num_threads=1)
+    p["localization"].update(datasets=["fashion_mnist"], n_per_class=2, batch_size=8, n_boot=20, n_figure=1,
+                             num_threads=1)
+    for row in p["localization"]["rows"].values():  # 2 DDIM steps per walk: a quick run
+        if "steps" in row:
+            row["steps"] = 2
+    p["localization_walkthrough"]["num_threads"] = 1
     for d in p["data"]["datasets"]:
         run_stage("data", d, params=p, cwd=work)
         run_stage("errors", d, params=p, cwd=work)
-    for stage in ("scorers", "evaluate", "report", "walkthrough", "timesteps"):
+    for stage in ("scorers", "evaluate", "report", "walkthrough", "timesteps", "base_model_eval", "localization",
+                  "localization_walkthrough", "site"):
         run_stage(stage, params=p, cwd=work)
+    from diffpath.study.site import main as build_site
+
+    assert build_site(["--notebooks", str(work / "reports/notebooks"), "--out", str(work / "reports/site")]) == 0
     return work, p
 
 
@@ -171,28 +183,19 @@ def test_base_model_stage_trains_and_saves_a_loadable_model(trained):
     assert model.kind == "diffusers" and model.channels == 1 and model.image_size == 32
 
 
-def test_base_model_eval_and_localization_stages_run_on_it(trained):
-    work, p = trained
-    p["model"].update(spec=str(work / "model"), device="cpu")
-    p["base_model_eval"].update(n_eval_images=8, n_eval_timesteps=3, n_samples=4, sample_steps=2, num_threads=1)
-    run_stage("base_model_eval", params=p, cwd=work)
+def test_base_model_eval_and_localization_stages_run(study):
+    work, p = study
     metrics = json.loads((work / "reports/base_model/metrics.json").read_text())
     curve = pd.read_csv(work / "reports/base_model/loss_per_timestep.csv")
     assert len(curve) == 3 and metrics["n_eval_images"] == 8
     assert metrics["mean_heldout_loss_trained"] == pytest.approx(curve["loss_trained"].mean(), rel=1e-12)
-
-    p["localization"].update(datasets=["fashion_mnist"], n_per_class=2, batch_size=8, n_boot=20, n_figure=1)
-    for row in p["localization"]["rows"].values():  # 2 DDIM steps per walk: a quick run
-        if "steps" in row:
-            row["steps"] = 2
-    run_stage("localization", params=p, cwd=work)
     loc = pd.read_csv(work / "reports/localization.csv")
     assert sorted(loc["method"]) == sorted(p["localization"]["rows"])
     assert (loc["n_images"] == 20).all() and (loc["n_anomalous"] == 10).all()  # two per class, half anomalous
     assert (loc["pixel_auroc_lo"] <= loc["pixel_auroc"]).all() and (loc["pixel_auroc"] <= loc["pixel_auroc_hi"]).all()
     summary = json.loads((work / "reports/localization.json").read_text())
     assert "seconds" not in json.dumps(summary)  # nothing that changes from run to run
-    run_stage("localization_walkthrough", params=p, cwd=work)  # the same tiny table, one image of it
+    # the walkthrough of one image of the same tiny table saves the x̂0-along-the-round-trip figure
     assert (work / "reports/figures/localization_walkthrough/round_trips.png").stat().st_size > 1000
 
 
@@ -292,3 +295,76 @@ def test_executed_notebooks_do_not_depend_on_where_the_clone_is(tmp_path):
         normalize_executed(f, "notebooks/nb.ipynb", "reports/notebooks/nb.ipynb", root=root)
         texts.append(f.read_text())
     assert texts[0] == texts[1] and "./.venv/lib" in texts[0] and str(tmp_path) not in texts[0]
+
+
+# --------------------------------------------------------------------------------------------
+# the study's pages, built by the site stage from the tiny chain's executed notebooks
+
+#: page → (stage whose figures it shows, tables it must hold at least)
+PAGES = {"index": (None, 4), "walkthrough": ("walkthrough", 1), "localization_walkthrough": ("localization_walkthrough", 1),
+         "report": ("report", 4), "localization": ("localization", 3), "timesteps": ("timesteps", 2),
+         "base_model": (None, 1)}
+
+
+def test_site_pages_hold_what_a_reader_needs(study):
+    """Every page: a real title (its first heading), no error or stderr output, each figure the
+    notebook saves shown and captioned, its tables, nothing fetched from the network, and one
+    parameters cell."""
+    from site_checks import read_page
+
+    from diffpath.study.stages import SITE_PAGES, STAGES
+
+    work, p = study
+    site = work / "reports/site"
+    assert set(PAGES) == set(SITE_PAGES)
+    for page, (stage, tables) in PAGES.items():
+        nb = json.loads((work / "reports/notebooks" / Path(STAGES[SITE_PAGES[page]].notebook).name).read_text())
+        outs = [o for c in nb["cells"] for o in c.get("outputs", [])]
+        assert not [o for o in outs if o["output_type"] == "error" or o.get("name") == "stderr"], page
+        assert nb["metadata"]["kernelspec"]["name"] == "diffpath", page
+        got = read_page((site / f"{page}.html").read_text())
+        assert got.heading and got.title == f"{got.heading} — diffpath study", (page, got.title)
+        assert got.stderr_outputs == got.error_outputs == 0 and got.external == [], page
+        saved = len(list((work / "reports/figures" / stage).glob("*.png"))) if stage else 0
+        assert got.images >= saved and got.captioned_images == got.images, (page, got.images, saved)
+        assert got.tables >= tables and got.parameter_cells == 1, page
+    for page in ("walkthrough", "localization_walkthrough"):
+        assert read_page((site / f"{page}.html").read_text()).images >= 6, page
+
+
+def test_site_in_a_real_browser(study, tmp_path):
+    """Chromium (headless) opens the front page and both walkthroughs: every image loads, and a
+    screenshot of each page is saved."""
+    import browser
+
+    reason = browser.missing()
+    if reason:
+        pytest.skip(reason)
+    work, _ = study
+    with browser.chromium() as driver:
+        for page in ("index", "walkthrough", "localization_walkthrough"):
+            seen = browser.open_page(driver, work / "reports/site", page)
+            assert seen["title"].endswith("diffpath study"), seen["title"]
+            assert all(width > 0 for width, _ in seen["images"]), (page, seen["images"])
+            assert page == "index" or len(seen["images"]) >= 6, page
+            assert browser.screenshot(driver, tmp_path / f"{page}.png").stat().st_size > 10_000
+
+
+def test_a_stage_prints_one_line_and_no_kernel_warnings(tmp_path):
+    """What `make repro` shows of a stage: one line with its name, its wall time and its record;
+    the kernel (IPC sockets, no TCP) logs nothing, and the record names the kernel "diffpath"."""
+    import re
+    import subprocess
+    import sys
+
+    p = load_params(ROOT / "params.yaml")
+    p["data"].update(n_train=16, n_test=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    r = subprocess.run([sys.executable, "-m", "diffpath.study", "data", "digits"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == "" and re.fullmatch(r"data@digits +\d+\.\d s   reports/notebooks/10_data_digits\.ipynb\n",
+                                           r.stderr), r.stderr
+    nb = json.loads((tmp_path / "reports/notebooks/10_data_digits.ipynb").read_text())
+    assert nb["metadata"]["kernelspec"] == {"display_name": "Python (diffpath)", "language": "python",
+                                            "name": "diffpath"}

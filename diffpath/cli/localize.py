@@ -63,9 +63,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--map", default="pixel", choices=["pixel", "ssim", "feature", "dino"],
                    help="map kind (dino: DIVAD's DINO feature map, Stable Diffusion models only)")
     p.add_argument("--smooth-sigma", type=float, default=None, metavar="PX",
-                   help="Gaussian smoothing of the maps in model pixels; default 4·S/256 for an S-pixel "
-                   "model (DIVAD's 4 px at 256 px); 0 turns it off. The study's table uses 3 px at 32 px, "
-                   "tuned to its large synthetic patches")
+                   help="Gaussian smoothing of the maps in model pixels; default 3·S/32 for an S-pixel "
+                   "model (the study's table: 3 px at 32 px, tuned on its own split); 0 turns it off. "
+                   "Stable Diffusion models: default DIVAD's 5 px at 256 px, scaled to --eval-size")
     p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
     p.add_argument("--resize", default="auto", choices=RESIZE_MODES)
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")

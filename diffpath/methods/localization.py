@@ -11,8 +11,8 @@ Round trips: ``"deterministic"`` (:func:`reconstruct`: DDIM inversion to t0 and 
 one grid, 2·steps evaluations), ``"stochastic"`` (:func:`stochastic_reconstruct`: fresh forward
 noise to t0, or the inversion, then η-denoising, ``draws`` times), ``"model_free"`` (no model).
 **t0 is a fraction of T** (:func:`timestep_of`). Images are (N, C, H, W) in [-1, 1]; maps are
-(N, H, W), higher = more anomalous. Smoothing σ defaults to 4·H/256 px (0.5 px at 32 px); the
-table sets it (params.yaml ``localization.smooth_sigma``: 3 px, tuned on a separate split). All
+(N, H, W), higher = more anomalous. Smoothing σ defaults to 3·H/32 px, the table's own setting
+(params.yaml ``localization.smooth_sigma``: 3 px at 32 px, tuned on a separate split). All
 noise of a batch comes from one generator (:func:`batch_generator`). The step dict a ``callback``
 sees: :mod:`diffpath.core.sampling`. Why these choices: ``docs/methods.md``.
 """
@@ -466,7 +466,7 @@ def localize(
             with its ``first_index`` (a multiple of ``batch_size``) gets that set's maps.
         batch_size: images per UNet batch.
         feature_t, feature_layers, pixel_power, smooth_sigma, weights, scales: see
-            :mod:`diffpath.methods.maps` (σ default 4·H/256 px; scales default to set-level means
+            :mod:`diffpath.methods.maps` (σ default 3·H/32 px; scales default to set-level means
             over these N images).
         pool: image-score window (default ``max(1, H // 8)`` of the grid scored).
         out_size: the images' original (H, W): maps go back to it (:func:`to_image_grid`).

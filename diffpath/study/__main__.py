@@ -12,11 +12,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
 
 from diffpath.study.layout import StageInputError
-from diffpath.study.runner import apply_overrides, render_html, run_stage
+from diffpath.study.runner import apply_overrides, render_html, run_stage, stage_label
 from diffpath.study.stages import PIPELINES, load_params
 
 
@@ -35,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name:16s} {st.notebook:36s} params: {', '.join(st.params)}"
                   + (f"  foreach: {st.item}" if st.item else ""))
         return 0
+    start = time.perf_counter()
     try:
         params = load_params(args.params)
         apply_overrides(params, args.overrides)
@@ -44,8 +47,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError, StageInputError) as exc:
         print(f"diffpath.study: error: {exc}", file=sys.stderr)
         return 2
-    print(f"executed {out}", file=sys.stderr)
+    print(done_line(stage_label(args.stage, args.item), time.perf_counter() - start, out), file=sys.stderr)
     return 0
+
+
+def done_line(label: str, seconds: float, out: os.PathLike | str) -> str:
+    """The one line a finished stage prints: its name, its wall time and its executed notebook."""
+    return f"{label:26s} {seconds:7.1f} s   {os.path.relpath(out)}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ test scores                    ``data/scores/<in>.npz``
 results and metrics            ``reports/results.csv``, ``reports/metrics.json``
 tables, figures                ``reports/tables/``, ``reports/figures/<stage>/``
 executed notebooks             ``reports/notebooks/<notebook>[_<item>].ipynb``
+the study's pages (a site)     ``reports/site/`` (``index.html``)
 wall times (not results)       ``reports/timings/<stage>[_<item>].json`` (git-ignored)
 =============================  ==================================================================
 
@@ -128,7 +129,12 @@ class Layout:
     def figures_dir(self, stage: str) -> Path:
         return self._r("figures", stage)
 
+    def site_dir(self) -> Path:
+        """The study's pages: a static site, ``index.html`` its front page."""
+        return self._r("site")
+
     def html(self, stage: str) -> Path:
+        """A stage's executed notebook as one standalone page (a profile without the site)."""
         return self._r(f"{stage}.html")
 
     def base_model_dir(self) -> Path:

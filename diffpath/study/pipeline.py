@@ -44,8 +44,7 @@ from diffpath.study.stages import (
 PIPELINE_PARAMS = {"study": "params.yaml", "paper-localization": "params-paper-localization.yaml"}
 
 __all__ = ["module_closure", "notebook_imports", "stage_code_deps", "dvc_yaml", "HEADER", "PAPER_LOCALIZATION_HEADER",
-           "notebook_defaults",
-           "sync_notebook_defaults", "stage_defaults", "STAGE_ENTRY", "main"]
+           "notebook_defaults", "sync_notebook_defaults", "stage_defaults", "STAGE_ENTRY", "SITE_ENTRY", "main"]
 
 PACKAGE = "diffpath"
 HEADER = """\
@@ -127,22 +126,27 @@ def notebook_imports(notebook: str | Path) -> set[str]:
 
 #: the module a stage's command runs (``python -m diffpath.study``) before its notebook
 STAGE_ENTRY = "diffpath.study.__main__"
+#: the module that builds the study's pages after a ``site`` stage's notebook
+SITE_ENTRY = "diffpath.study.site"
+_L_NOTEBOOKS = "${layout.reports}/notebooks"
 
 
 def stage_code_deps(stage: Stage, root: Path = ROOT) -> list[str]:
-    """The package files a stage runs: the closure of its notebook's imports and of the command
-    that runs it (:data:`STAGE_ENTRY`)."""
-    mods = notebook_imports(root / stage.notebook) | {STAGE_ENTRY}
+    """The package files a stage runs: the closure of its notebook's imports and of the commands
+    that run it (:data:`STAGE_ENTRY`, and :data:`SITE_ENTRY` for a ``site`` stage)."""
+    mods = notebook_imports(root / stage.notebook) | {STAGE_ENTRY} | ({SITE_ENTRY} if stage.site else set())
     return [str(p) for p in module_closure(mods, root)]
 
 
 def _stage_entry(name: str, st: Stage, root: Path) -> dict[str, Any]:
     item = " ${item}" if st.item else ""
-    html = f" --html {st.outs[0]}" if st.html else ""
     entry: dict[str, Any] = {}
     if st.frozen:
         entry["frozen"] = True
+    html = f" --html {st.outs[0]}" if st.html else ""
     entry["cmd"] = f"python -m diffpath.study {name}{item}{html}"
+    if st.site:  # then the pages, from the executed notebooks (this one's included)
+        entry["cmd"] = [entry["cmd"], f"python -m {SITE_ENTRY} --notebooks {_L_NOTEBOOKS} --out {st.outs[0]}"]
     entry["deps"] = [st.notebook, *st.deps, *stage_code_deps(st, root)]
     entry["params"] = st.dvc_params()
     outs: list[Any] = list(st.outs)

@@ -1,4 +1,4 @@
-"""Paper-style tables (Markdown, LaTeX) and figures (seaborn).
+"""Paper-style tables (Markdown, LaTeX) and figures (matplotlib).
 
 Tables follow the papers' layout: one table per method, rows = in-distribution sets, columns = OOD
 sets plus their average; and an ablation table (rows = methods, columns = in-distribution sets'
@@ -18,11 +18,14 @@ __all__ = [
     "method_table",
     "ablation_table",
     "to_markdown",
+    "localization_markdown",
     "to_latex",
     "write_table",
     "METHOD_LABELS",
     "method_label",
+    "histogram_axis",
     "plot_histograms",
+    "histogram_legend",
     "plot_roc",
     "save_figure",
 ]
@@ -103,6 +106,19 @@ def to_markdown(table: pd.DataFrame, bold_max: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
+def localization_markdown(summary: pd.DataFrame, metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "pro")) -> str:
+    """The localisation table (``reports/localization.csv``) as Markdown: one line per base set ×
+    map, its cost in UNet evaluations per image, and each metric with its 95% interval."""
+    names = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "pro": "PRO"}
+    head = ["base set", "map", "UNet evaluations / image", *(names.get(m, m) for m in metrics)]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- | ---: |" + " --- |" * len(metrics)]
+    for r in summary.to_dict("records"):
+        cells = [str(r["dataset"]), str(r["method"]), f"{r['unet_evals']:g}"]
+        cells += [f"{r[m]:.3f} [{r[m + '_lo']:.3f}, {r[m + '_hi']:.3f}]" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _tex(s: str) -> str:
     return str(s).replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 
@@ -136,25 +152,59 @@ def write_table(table: pd.DataFrame, folder: str | Path, stem: str, caption: str
     return md
 
 
+def histogram_axis(s_in: np.ndarray, s_out: np.ndarray, bins: int = 40) -> tuple[np.ndarray, float | None]:
+    """Bin edges (bins + 1,) that show both sets of scores, and the symlog threshold (or None).
+
+    The range is the pooled 0.5–99.5th percentiles (a few extreme scores would otherwise set it).
+    When it is over 5 times the in-distribution set's own 1–99th percentile spread (an OOD set
+    scoring hundreds or thousands of nats lower), a linear axis would squash the in-distribution
+    set into a few bins: the axis is then symmetric-log, linear within ±L (L = the in-distribution
+    set's largest |1st or 99th percentile|) and logarithmic beyond, and the bins are even in it.
+    """
+    s_in, s_out = np.asarray(s_in, np.float64), np.asarray(s_out, np.float64)
+    lo, hi = np.percentile(np.concatenate([s_in, s_out]), [0.5, 99.5])
+    p1, p99 = np.percentile(s_in, [1, 99])
+    if hi - lo <= 5 * max(p99 - p1, 1e-12):
+        return np.linspace(lo, hi, bins + 1), None
+    from matplotlib.scale import SymmetricalLogTransform
+
+    linthresh = float(max(abs(p1), abs(p99), p99 - p1))
+    tr = SymmetricalLogTransform(10, linthresh, 1.0)
+    edges = tr.inverted().transform(np.linspace(*tr.transform(np.array([lo, hi])), bins + 1))
+    return edges, linthresh
+
+
 def plot_histograms(scores: Mapping[str, np.ndarray], in_dist: str, ood: str, ax: Any = None,
                     title: str | None = None, bins: int = 40) -> Any:
-    """The papers' score histogram: in-distribution (blue) vs OOD (orange) log-densities."""
+    """The papers' score histogram: in-distribution (blue) vs OOD (orange) log-densities, each as
+    the fraction of its images per bin, on an axis that shows both (:func:`histogram_axis`);
+    scores beyond the range are counted in the edge bins. No legend: the figure carries one."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     if ax is None:
         _, ax = plt.subplots(figsize=(4, 3))
     s_in, s_out = np.asarray(scores[in_dist]), np.asarray(scores[ood])
-    both = np.concatenate([s_in, s_out])
-    lo, hi = np.percentile(both, [0.5, 99.5])  # keep a few extreme OOD scores from hiding the rest
-    edges = np.linspace(lo, hi, bins + 1)
-    df = pd.DataFrame({"score": np.clip(both, lo, hi),
-                       "set": [f"{in_dist} (in)"] * len(s_in) + [f"{ood} (out)"] * len(s_out)})
-    sns.histplot(df, x="score", hue="set", bins=edges, stat="density", common_norm=False,
-                 element="step", alpha=0.35, ax=ax, palette=["tab:blue", "tab:orange"])
-    ax.set_xlabel("log-density")
+    edges, linthresh = histogram_axis(s_in, s_out, bins)
+    for s, colour in ((s_in, "tab:blue"), (s_out, "tab:orange")):
+        ax.hist(np.clip(s, edges[0], edges[-1]), bins=edges, weights=np.full(len(s), 1.0 / len(s)),
+                histtype="stepfilled", alpha=0.35, color=colour, edgecolor=colour)
+    if linthresh is not None:
+        ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("log-density" + (" (symlog axis)" if linthresh is not None else ""), fontsize=8)
+    ax.set_ylabel("fraction of the set", fontsize=8)
+    ax.tick_params(labelsize=7)
     ax.set_title(title or f"{in_dist} vs {ood}", fontsize=9)
     return ax
+
+
+def histogram_legend(fig: Any, in_label: str, out_label: str) -> Any:
+    """One legend for a figure of :func:`plot_histograms` panels, above them (never over data)."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, alpha=0.35, label=label) for c, label in
+               (("tab:blue", in_label), ("tab:orange", out_label))]
+    return fig.legend(handles=handles, loc="outside upper center", ncols=2, fontsize=8, frameon=False)
 
 
 def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], ax: Any = None, title: str = "") -> Any:

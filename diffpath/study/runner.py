@@ -1,11 +1,13 @@
-"""Executing a stage: its notebook through papermill, then a byte-stable record and HTML.
+"""Executing a stage: its notebook through papermill, then a byte-stable record.
 
 :func:`run_stage` checks the stage's parameters (:func:`~diffpath.study.params_check.
 check_stage_params`: one line naming the stage and the parameter, before any kernel starts), passes
 them (:func:`~diffpath.study.stages.stage_parameters`) to its notebook and writes the executed
 notebook under the profile's ``reports/notebooks/``, only when the stage succeeds (a failed stage
 leaves no executed notebook behind); :func:`normalize_executed` makes that record a function of
-its inputs (no run times, relative paths, fixed ids), and :func:`render_html` renders it.
+its inputs (no run times, relative paths, fixed ids). The kernel is the study's own
+(:mod:`diffpath.study.kernel`); the study's pages are built from the records by
+:mod:`diffpath.study.site`; :func:`render_html` renders one record alone (a profile without pages).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from typing import Any
 import yaml
 
 from diffpath.io import write_text_atomic
+from diffpath.study.kernel import study_kernel
 from diffpath.study.layout import Layout, StageInputError
 from diffpath.study.params_check import check_stage_params
 from diffpath.study.stages import ROOT, load_params, stage_of, stage_parameters
 
-__all__ = ["run_stage", "normalize_executed", "render_html", "apply_overrides"]
+__all__ = ["run_stage", "normalize_executed", "render_html", "apply_overrides", "stage_label", "progress_bar"]
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -71,7 +74,7 @@ def run_stage(
     notebook = cwd / st.notebook if (cwd / st.notebook).is_file() else ROOT / st.notebook
     tmp = out.with_name(f".{out.stem}.running{out.suffix}")
     try:
-        _execute(stage, notebook, tmp, nb_params, cwd, progress)
+        _execute(stage, notebook, tmp, nb_params, cwd, progress_bar(stage, item) if progress else False)
         normalize_executed(tmp, st.notebook, st.executed_path(item, layout), root=cwd)
         os.replace(tmp, out)
     finally:
@@ -80,18 +83,31 @@ def run_stage(
 
 
 def _execute(stage: str, notebook: Path, out: Path, parameters: dict[str, Any], cwd: Path,
-             progress: bool) -> None:
+             bar: Any) -> None:
     """papermill, with a bad input artifact (:class:`StageInputError` in the notebook) as one line."""
     import papermill as pm
 
     try:
-        with _kernel_env(TQDM_DISABLE="1"):  # no progress bars (with timings) in the record
-            pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd),
-                                progress_bar=progress, kernel_name="python3")
+        with _kernel_env(TQDM_DISABLE="1"), study_kernel() as kernel:  # no progress bars (timings) in the record
+            pm.execute_notebook(str(notebook), str(out), parameters=parameters, cwd=str(cwd), progress_bar=bar,
+                                **kernel)
     except pm.PapermillExecutionError as exc:
         if exc.ename == StageInputError.__name__:  # a bad input artifact: one line, not a traceback
             raise StageInputError(f"stage {stage}: {exc.evalue}") from None
         raise
+
+
+def stage_label(stage: str, item: str | None = None) -> str:
+    """The stage's name as DVC prints it: ``errors@mnist`` for a foreach item."""
+    return f"{stage}@{item}" if item is not None else stage
+
+
+def progress_bar(stage: str, item: str | None = None) -> dict[str, Any]:
+    """papermill's per-cell bar for a terminal, named after the stage and erased when the stage
+    ends (its one line, printed by ``python -m diffpath.study``, takes the bar's place)."""
+    import tqdm  # noqa: F401  imported before TQDM_DISABLE is set for the kernel: this bar stays on
+
+    return {"desc": stage_label(stage, item), "leave": False}
 
 
 @contextmanager

@@ -19,8 +19,8 @@ import yaml
 
 from diffpath.study.layout import Layout
 
-__all__ = ["ROOT", "Stage", "STAGES", "PAPER_LOCALIZATION_STAGES", "PIPELINES", "stage_of", "stage_parameters",
-           "load_params"]
+__all__ = ["ROOT", "Stage", "STAGES", "SITE_PAGES", "PAPER_LOCALIZATION_STAGES", "PIPELINES", "stage_of",
+           "stage_parameters", "load_params"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,7 +50,8 @@ class Stage:
     results: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     plots: tuple[str | tuple[str, dict[str, Any]], ...] = ()
-    html: bool = False
+    site: bool = False  # after the notebook, build the study's pages (python -m diffpath.study.site)
+    html: bool = False  # the executed notebook also as a standalone HTML page (outs[0]; a profile without pages)
     frozen: bool = False
 
     def dvc_params(self) -> list[str]:
@@ -96,13 +97,13 @@ STAGES: dict[str, Stage] = {
         results=(str(_L.results_csv()),), metrics=(str(_L.metrics_json()),)),
     "report": Stage(
         "notebooks/60_report.ipynb", (*_LAYOUT, "data.in_dist", "data.datasets", "methods", "report.*"),
-        deps=(str(_L.results_csv()), str(_L.scores_dir()), PUBLISHED_FILE), outs=(str(_L.html("report")),),
-        results=(str(_L.tables_dir()),), plots=(str(_L.figures_dir("report")),), html=True),
+        deps=(str(_L.results_csv()), str(_L.scores_dir()), PUBLISHED_FILE),
+        results=(str(_L.tables_dir()),), plots=(str(_L.figures_dir("report")),)),
     "walkthrough": Stage(
         "notebooks/70_walkthrough.ipynb", (*_MODEL, "errors.steps", "errors.seed", "walkthrough.*"),
         deps=(str(_L.prepared_dir("")).rstrip("/"), str(_L.errors_dir("")).rstrip("/"), str(_L.scorers_dir()),
-              *_MODEL_DEPS),
-        outs=(str(_L.html("walkthrough")), str(_L.figures_dir("walkthrough"))), html=True),
+              str(_L.scores_dir()), str(_L.results_csv()), *_MODEL_DEPS),
+        outs=(str(_L.figures_dir("walkthrough")),)),
     "localization": Stage(
         "notebooks/30_localization.ipynb", (*_MODEL, "localization.*"), deps=_MODEL_DEPS,
         outs=(str(_L.figures_dir("localization")),),
@@ -113,13 +114,31 @@ STAGES: dict[str, Stage] = {
         (*_MODEL, *(f"localization.{k}" for k in ("rows", "n_per_class", "seed", "part", "batch_size", "feature_t",
                                                    "feature_layers", "smooth_sigma", "pool", "weights")),
          "localization_walkthrough.*"),
-        deps=_MODEL_DEPS, outs=(str(_L.html("localization_walkthrough")),
-                                str(_L.figures_dir("localization_walkthrough"))), html=True),
+        deps=_MODEL_DEPS, outs=(str(_L.figures_dir("localization_walkthrough")),)),
     "timesteps": Stage(
         "notebooks/55_timesteps.ipynb", (*_LAYOUT, "data.in_dist", "data.datasets"),
         deps=(str(_L.errors_dir("")).rstrip("/"),), results=(str(_L.timesteps_csv()),),
         plots=(str(_L.figures_dir("timesteps")),)),
 }
+
+#: the study's pages (``python -m diffpath.study.site``): page name → the stage whose executed
+#: notebook it shows, in the site's order; the front page is the ``site`` stage's own notebook
+SITE_PAGES: dict[str, str] = {
+    "index": "site",
+    "walkthrough": "walkthrough",
+    "localization_walkthrough": "localization_walkthrough",
+    "report": "report",
+    "localization": "localization",
+    "timesteps": "timesteps",
+    "base_model": "base_model_eval",
+}
+
+STAGES["site"] = Stage(  # the front page, then the site: after every page's stage
+    "notebooks/90_site.ipynb", (*_LAYOUT, "data.in_dist", "data.datasets", "methods", "report.*"),
+    deps=(str(_L.results_csv()), str(_L.localization_csv()), str(_L.timesteps_csv()),
+          str(_BASE / "metrics.json"),
+          *(STAGES[s].executed_path() for s in SITE_PAGES.values() if s != "site")),
+    outs=(str(_L.site_dir()),), site=True)
 
 
 # The localisation paper profile (DIVAD on MVTec AD and VisA): a pipeline of its own, which the
