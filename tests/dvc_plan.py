@@ -20,10 +20,10 @@ _VAR = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
 
 @dataclass(frozen=True)
 class Job:
-    """One stage (or foreach item) with its interpolated command, deps and outs."""
+    """One stage (or foreach item) with its interpolated commands (in order), deps and outs."""
 
     name: str
-    cmd: str
+    cmds: tuple[str, ...]
     deps: tuple[str, ...]
     outs: tuple[str, ...]
 
@@ -55,7 +55,8 @@ def plan(dvc_yaml: str, params: Mapping[str, Any], prefix: str = "") -> tuple[li
         for item in items:
             sub = lambda t: _interp(t, params, item)  # noqa: E731
             outs = [sub(p) for key in ("outs", "metrics", "plots") for p in _paths(body.get(key))]
-            jobs.append(Job(prefix + (name if item is None else f"{name}@{item}"), sub(body["cmd"]),
+            cmds = body["cmd"] if isinstance(body["cmd"], list) else [body["cmd"]]
+            jobs.append(Job(prefix + (name if item is None else f"{name}@{item}"), tuple(sub(c) for c in cmds),
                             tuple(sub(p) for p in _paths(body.get("deps"))), tuple(outs)))
     return jobs, frozen
 

@@ -180,3 +180,22 @@ def test_bad_run_options_fail_alike_in_every_command(tmp_path, capsys, tiny, fla
         assert code == 2 and match in err, (name, err)
         assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1, (name, err)
         assert not (tmp_path / "sub").exists(), name  # refused before anything was written
+
+
+def test_help_shows_every_default_and_what_the_outputs_are(capsys):
+    from diffpath.cli import main
+
+    for argv in (["localize", "--help"], ["score", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (("--kind", "deterministic"), ("--t0", "0.4"), ("--steps", "5"), ("--draws", "1"),
+                            ("--reduce", "maps"), ("--map", "pixel"), ("--seed", "0"), ("--resize", "auto")):
+        after = text.split(f" {option} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {default})" in after, (option, after)
+    for name in ("NNNN_<name>_map.npy", "NNNN_<name>_overlay.png", "scores.csv", "localize.json",
+                 "score = the maximum of the pooled map", "colour images as their luma"):
+        assert name in text, name
+    for column in ("percentile the percentage of the detector's calibration scores",
+                   "is_ood 1 when score < the threshold"):
+        assert column in text, column

@@ -48,7 +48,7 @@ def _paper_test_params(downloads: Path, ckpt: Path) -> dict:
                                device="cpu")
     p["scorers"]["kde"].update(device="cpu")
     p["base_model_eval"].update(n_eval_images=4, n_eval_timesteps=2, n_samples=2, sample_steps=2, num_threads=1)
-    p["localization"].update(datasets=["fashion_mnist"], n_per_class=1, batch_size=8, num_threads=1, n_boot=20,
+    p["localization"].update(datasets=["fashion_mnist"], n_per_class=2, batch_size=8, num_threads=1, n_boot=20,
                              n_figure=1, rows={"median": {"kind": "model_free", "maps": ["median"]},
                                                "deterministic": {"kind": "deterministic", "t0": [0.4], "steps": 2},
                                                "stochastic": {"kind": "stochastic", "t0": [0.3], "steps": 1,
@@ -112,13 +112,15 @@ def paper_run(tmp_path_factory):
     envs = {"": _audited_env(work, work.parent / f"{work.name}-audit"),
             "variant:": _audited_env(work, work.parent / f"{work.name}-variant-audit")}
 
-    def one(job):  # dvc.yaml's own command, with the test's params file; a process of its own, as under dvc
-        cmd = shlex.split(job.cmd)
-        assert cmd[:3] == ["python", "-m", "diffpath.study"], job.cmd
+    def one(job):  # dvc.yaml's own commands, the stage's with the test's params file; processes of their own, as under dvc
         kind = "variant:" if job.name.startswith("variant:") else ""
-        r = subprocess.run([sys.executable, *cmd[1:], "--params", "variant-test.yaml" if kind else "paper-test.yaml"],
-                           cwd=work, env=envs[kind], capture_output=True, text=True)
-        assert r.returncode == 0, f"{job.name}: {r.stderr[-3000:]}"
+        for line in job.cmds:
+            cmd = shlex.split(line)
+            assert cmd[:2] == ["python", "-m"] and cmd[2] in ("diffpath.study", "diffpath.study.site"), line
+            params = ["--params", "variant-test.yaml" if kind else "paper-test.yaml"] if cmd[2] == "diffpath.study" else []
+            r = subprocess.run([sys.executable, *cmd[1:], *params], cwd=work, env=envs[kind], capture_output=True,
+                               text=True)
+            assert r.returncode == 0, f"{job.name}: {r.stderr[-3000:]}"
 
     run_jobs(jobs + variant, one)
     return work, p, before, jobs, frozen, v
@@ -138,7 +140,7 @@ def test_every_stage_ran_and_the_tables_have_the_papers_layout(paper_run):
         rows = [ln.strip("|").split("|")[0].strip() for ln in table[2:]]
         assert rows == PAPER_SETS  # rows: the in-distribution sets
     assert (out / "notebooks/70_walkthrough.ipynb").is_file() and (out / "notebooks/60_report.ipynb").is_file()
-    for name in ("feature_space.png", "diffpath_path.png", "error_curves.png"):
+    for name in ("feature_space.png", "diffpath_path.png", "v2_curves.png", "verdict.png"):
         assert (out / "figures/walkthrough" / name).is_file()
     metrics = json.loads((out / "base_model/metrics.json").read_text())
     assert metrics["eval_dataset"] == "celeba/test" and metrics["n_eval_images"] == 4
@@ -155,7 +157,8 @@ def test_every_stage_of_dvc_yaml_ran(paper_run):
     for job in jobs:
         for out in job.outs:
             assert (work / out).exists(), f"{job.name} did not write {out}"
-    for name in ("timesteps.csv", "localization.csv", "localization.json", "localization_walkthrough.html"):
+    for name in ("timesteps.csv", "localization.csv", "localization.json", "site/index.html",
+                 "site/localization_walkthrough.html"):
         assert (work / "reports/paper" / name).is_file(), name
 
 
@@ -177,7 +180,7 @@ def test_walkthrough_shows_colour_images_in_colour(paper_run):
     from PIL import Image
 
     work, *_ = paper_run
-    img = np.asarray(Image.open(work / "reports/paper/figures/walkthrough/diffpath_path.png").convert("RGB"), float)
+    img = np.asarray(Image.open(work / "reports/paper/figures/walkthrough/images.png").convert("RGB"), float)
     chroma = np.abs(img[..., 0] - img[..., 1]) + np.abs(img[..., 1] - img[..., 2])
     assert (chroma > 30).mean() > 0.01  # not a grey picture of one channel
 

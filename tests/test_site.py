@@ -94,3 +94,22 @@ def test_missing_notebooks_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("diffpath.study.site: error: missing executed notebooks") and "dvc repro" in err
     assert not Path(tmp_path / "site").exists()
+
+
+def test_colour_images_are_drawn_in_colour(tmp_path):
+    """A 3-channel image in a gray row keeps its colours (a red square stays red)."""
+    import numpy as np
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from PIL import Image
+
+    from diffpath.study.figures import Row, map_rows
+
+    img = -np.ones((3, 16, 16), np.float32)
+    img[0, 4:12, 4:12] = 1.0  # a red square on black, in [-1, 1]
+    fig = map_rows([Row("x0", [img]), Row("map", [img], cmap="viridis", vmin=-1, vmax=1)], ["image"], size=2)
+    fig.savefig(tmp_path / "f.png", dpi=60)
+    a = np.asarray(Image.open(tmp_path / "f.png").convert("RGB"), float)
+    red = (a[..., 0] > 200) & (a[..., 1] < 60) & (a[..., 2] < 60)
+    assert red.sum() > 50

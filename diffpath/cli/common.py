@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import warnings
@@ -9,11 +10,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["CLIError", "check_sigma", "cli_warnings", "report_kept_work"]
+__all__ = ["CLIError", "DefaultsHelp", "check_sigma", "cli_warnings", "report_kept_work"]
 
 
 class CLIError(Exception):
     """An error to report in one line."""
+
+
+class DefaultsHelp(argparse.RawDescriptionHelpFormatter):
+    """Help with every option's default appended (unless it has none, or names it already) and the
+    description and epilog printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if default is None or default is False or default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        value = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        if "default" in text or f"({value})" in text:
+            return text
+        return f"{text} (default: {value})".lstrip()
 
 
 def check_sigma(sigma: float | None) -> None:

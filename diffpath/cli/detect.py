@@ -18,7 +18,21 @@ from diffpath.cli.common import CLIError, report_kept_work
 if TYPE_CHECKING:
     from diffpath.detector import Detector, ScoreResult
 
-__all__ = ["add_commands"]
+__all__ = ["add_commands", "SCORE_COLUMNS"]
+
+#: What ``diffpath score`` writes (its ``--help`` epilog).
+SCORE_COLUMNS = """\
+the CSV's columns:
+  path        the image file
+  score       the log-density of the image's features under the density fitted on the normal
+              images (higher = more typical of them)
+  percentile  the percentage of the detector's calibration scores (normal images held out from
+              the fit) strictly below this score: near 0 = less typical than almost every normal
+              image
+  is_ood      1 when score < the threshold, the split-conformal threshold of the calibration
+              scores at --accept: a new normal image is flagged with probability at most
+              1 - accept; 0 otherwise
+"""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +63,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(handler=_cmd_fit)
 
     s = sub.add_parser("score", help="score images with a fitted detector",
-                       description="Write path,score,percentile,is_ood for each image.")
+                       description="Write path,score,percentile,is_ood for each image.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SCORE_COLUMNS)
     s.add_argument("--detector", required=True, metavar="DETECTOR_DIR", help="a folder written by fit")
     s.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="images, folders or globs")
     s.add_argument("--out", required=True, help="the CSV to write")

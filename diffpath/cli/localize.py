@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from diffpath.cli import options
-from diffpath.cli.common import CLIError, check_sigma
+from diffpath.cli.common import CLIError, DefaultsHelp, check_sigma
 
 __all__ = ["add_command", "DEFAULT_SPEC", "OVERLAY_MAX_PX"]
 
@@ -40,6 +40,16 @@ __all__ = ["add_command", "DEFAULT_SPEC", "OVERLAY_MAX_PX"]
 #: ``localization.rows``): inversion to 0.4·T in 5 DDIM steps and back, 10 UNet evaluations per image.
 DEFAULT_SPEC = {"kind": "deterministic", "t0": [0.4], "steps": 5, "draws": 1, "reduce": "maps"}
 _OWN = {"scores.csv", "localize.json"}
+#: What ``diffpath localize`` writes (its ``--help`` epilog).
+OUTPUTS = """\
+writes into --out, for the N-th image (sorted input order):
+  NNNN_<name>_map.npy      float32 (H, W) anomaly map on the image's own grid (higher = more anomalous)
+  NNNN_<name>_overlay.png  the image in gray (colour images as their luma) with the map over it, one
+                           colour scale for the whole run
+  scores.csv               index,path,score,map,overlay; score = the maximum of the pooled map: how
+                           anomalous the image's most anomalous region is (comparable within a run)
+  localize.json            the settings, the cost, the skipped files and the files written
+"""
 #: The longest side of an overlay PNG, in pixels (a 7000-px image would otherwise be drawn at
 #: 14000 px: gigabytes of canvas).
 OVERLAY_MAX_PX = 2048
@@ -50,24 +60,29 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("localize", help="anomaly maps (heat-map overlays, .npy maps, scores) for images",
                        description="Reconstruct each image through a partial diffusion round trip and "
-                       "map where it differs; t0 is a fraction of the model's T.")
+                       "map where it differs; t0 is a fraction of the model's T. The defaults are the "
+                       "study's table's deterministic row.",
+                       formatter_class=DefaultsHelp, epilog=OUTPUTS)
     options.add_model(p)
     p.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="images, folders or globs")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--kind", default=DEFAULT_SPEC["kind"], choices=["stochastic", "deterministic"])
+    p.add_argument("--kind", default=DEFAULT_SPEC["kind"], choices=["stochastic", "deterministic"],
+                   help="round trip: DDIM inversion and back, or fresh noise and η-denoising")
     p.add_argument("--t0", type=float, nargs="+", default=DEFAULT_SPEC["t0"],
                    help="depth(s) as fractions of T, e.g. 0.2 (several are averaged)")
     p.add_argument("--steps", type=int, default=DEFAULT_SPEC["steps"], help="DDIM steps per walk")
     p.add_argument("--draws", type=int, default=DEFAULT_SPEC["draws"], help="stochastic round trips")
-    p.add_argument("--reduce", default=DEFAULT_SPEC["reduce"], choices=["maps", "reconstruction"])
+    p.add_argument("--reduce", default=DEFAULT_SPEC["reduce"], choices=["maps", "reconstruction"],
+                   help="with several draws or depths: average the maps, or the reconstructions")
     p.add_argument("--map", default="pixel", choices=["pixel", "ssim", "feature", "dino"],
-                   help="map kind (dino: DIVAD's DINO feature map, Stable Diffusion models only)")
+                   help="pixel |x - x̂|, ssim 1 - SSIM(x, x̂), feature (UNet features), dino (DIVAD's DINO "
+                   "feature map, Stable Diffusion models only)")
     p.add_argument("--smooth-sigma", type=float, default=None, metavar="PX",
                    help="Gaussian smoothing of the maps in model pixels; default 3·S/32 for an S-pixel "
                    "model (the study's table: 3 px at 32 px, tuned on its own split); 0 turns it off. "
                    "Stable Diffusion models: default DIVAD's 5 px at 256 px, scaled to --eval-size")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (0)")
-    p.add_argument("--resize", default="auto", choices=RESIZE_MODES)
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--resize", default="auto", choices=RESIZE_MODES, help="how images reach the model's size")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable file instead of skipping it")
     options.add_run(p, chunks=False)
     from diffpath.cli.localize_latent import add_options

@@ -21,8 +21,9 @@ __all__ = ["Row", "map_rows", "as_hw", "verdict_axes"]
 @dataclass
 class Row:
     """One row of :func:`map_rows`: ``maps`` (each (H, W), (C, H, W) or a tensor) drawn with
-    ``cmap`` on [``vmin``, ``vmax``]; ``label`` names the row, ``unit`` labels its colour bar;
-    ``outline``, an (H, W) mask, is drawn as a white contour on every panel of the row."""
+    ``cmap`` on [``vmin``, ``vmax``] (a 3-channel map in a ``"gray"`` row is drawn in colour, each
+    channel on that scale); ``label`` names the row, ``unit`` labels its colour bar; ``outline``, an
+    (H, W) mask, is drawn as a white contour on every panel of the row."""
 
     label: str
     maps: Sequence[Any]
@@ -40,10 +41,20 @@ def as_hw(img: Any) -> np.ndarray:
     return a.mean(0) if a.ndim == 3 else a
 
 
+def _rgb(img: Any, row: Row) -> np.ndarray | None:
+    """A 3-channel image of a gray row as (H, W, 3) in [0, 1] on the row's scale; None otherwise."""
+    a = img.detach().cpu().numpy() if hasattr(img, "detach") else np.asarray(img)
+    if row.cmap != "gray" or a.ndim != 3 or a.shape[0] != 3:
+        return None
+    return np.clip((np.moveaxis(a.astype(np.float32), 0, -1) - row.vmin) / (row.vmax - row.vmin), 0.0, 1.0)
+
+
 def map_rows(rows: Sequence[Row], titles: Sequence[str], *, title: str = "", size: float = 1.35) -> Any:
     """A grid of maps: one :class:`Row` per line, one column per entry of ``titles``, and a colour
     bar per row at its right. Returns the matplotlib figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     n = len(titles)
     fig, axes = plt.subplots(len(rows), n, figsize=(size * n + 1.4, size * len(rows) + 0.6),
@@ -54,7 +65,12 @@ def map_rows(rows: Sequence[Row], titles: Sequence[str], *, title: str = "", siz
             ax = axes[r, c]
             ax.set_xticks([]), ax.set_yticks([])
             if c < len(row.maps) and row.maps[c] is not None:
-                im = ax.imshow(as_hw(row.maps[c]), cmap=row.cmap, vmin=row.vmin, vmax=row.vmax)
+                rgb = _rgb(row.maps[c], row)
+                if rgb is not None:
+                    ax.imshow(rgb)
+                    im = ScalarMappable(Normalize(row.vmin, row.vmax), cmap=row.cmap)
+                else:
+                    im = ax.imshow(as_hw(row.maps[c]), cmap=row.cmap, vmin=row.vmin, vmax=row.vmax)
                 if row.outline is not None and np.any(row.outline):
                     ax.contour(np.asarray(row.outline, dtype=float), levels=[0.5], colors="white", linewidths=0.8)
             else:

@@ -176,9 +176,19 @@ def build_site(notebooks: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
         shutil.rmtree(html, ignore_errors=True)
         _write_sources(src, {p: Path(notebooks[p]) for p in _ordered(notebooks)})
         overrides = {**SPHINX_CONFIG, **(config or {})}
-        app = Sphinx(str(src), None, str(html), str(Path(tmp) / "doctrees"), "html", confoverrides=overrides,
-                     status=None, warning=warnings, freshenv=True, keep_going=True)
-        app.build(force_all=True)
+        # docutils would also read /etc/docutils.conf, ~/.docutils and ./docutils.conf (the working
+        # folder's): an empty DOCUTILSCONFIG reads none, so the pages depend on the notebooks alone
+        saved = os.environ.get("DOCUTILSCONFIG")
+        os.environ["DOCUTILSCONFIG"] = ""
+        try:
+            app = Sphinx(str(src), None, str(html), str(Path(tmp) / "doctrees"), "html", confoverrides=overrides,
+                         status=None, warning=warnings, freshenv=True, keep_going=True)
+            app.build(force_all=True)
+        finally:
+            if saved is None:
+                os.environ.pop("DOCUTILSCONFIG", None)
+            else:
+                os.environ["DOCUTILSCONFIG"] = saved
         (html / ".buildinfo").unlink(missing_ok=True)  # a hash of the settings, nothing a reader needs
         if (html / "_sources").is_dir() and not any((html / "_sources").iterdir()):
             (html / "_sources").rmdir()
