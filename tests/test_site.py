@@ -80,6 +80,8 @@ def test_the_site_is_offline_captioned_and_the_same_bytes_on_a_rebuild(tmp_path)
     assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
     changed = [f for f in files if (tmp_path / "site" / f).read_bytes() != (tmp_path / "again" / f).read_bytes()]
     assert not changed, changed
+    # nothing but the two sites beside them (myst-nb's jupyter_execute/ and the staging folder stay inside the build)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith("_run.ipynb")) == ["again", "site"]
 
 
 def test_the_site_needs_a_front_page(tmp_path):

@@ -171,9 +171,12 @@ def build_site(notebooks: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     warnings = io.StringIO()
     with tempfile.TemporaryDirectory(prefix="diffpath-site-") as tmp:
-        src, html = Path(tmp) / "src", out.parent / f".{out.name}.tmp"
+        # the pages are built beside their final place (one file system for the rename); myst-nb writes
+        # the outputs' images into jupyter_execute/ beside the builder's folder: inside the staging one
+        src, staging = Path(tmp) / "src", out.parent / f".{out.name}.tmp"
+        html = staging / "html"
         src.mkdir()
-        shutil.rmtree(html, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         _write_sources(src, {p: Path(notebooks[p]) for p in _ordered(notebooks)})
         overrides = {**SPHINX_CONFIG, **(config or {})}
         # docutils would also read /etc/docutils.conf, ~/.docutils and ./docutils.conf (the working
@@ -197,6 +200,7 @@ def build_site(notebooks: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
             out.rename(old)
         html.rename(out)
         shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return [w for w in warnings.getvalue().splitlines() if w.strip()]
 
 
