@@ -29,44 +29,9 @@ The image arguments are files, folders or globs (:func:`~diffpath.data.files.fin
 returned arrays follow the images that could be read, in that order (an unreadable file is
 skipped with a warning, or refused with ``strict``): :meth:`Detector.score_images` names them.
 
-What a score means
-------------------
-``score`` is the log-density of the image's features under the density fitted on the normal
-images (higher = more normal). The threshold is **split-conformal**
-(:mod:`diffpath.scoring.threshold`): the N readable normal images are split at random (``seed``)
-into a fit part, on which the scorer is fitted, and a calibration part of n = ``calibration``·N
-images (half by default), which the scorer never sees. ``is_ood`` is ``score < threshold``, the
-threshold being the k-th lowest calibration score, k = ⌊(1 − accept)·(n + 1)⌋, so that a new normal
-image is accepted with probability at least ⌈accept·(n + 1)⌉/(n + 1) ≥ ``accept`` (0.95 by
-default; with k = 0, too few calibration images, nothing is flagged and :meth:`Detector.fit`
-warns). ``percentile`` is the percentage of the calibration scores strictly lower. Scores of the
-scorer's own training images are optimistic (the earlier threshold, taken from them, flagged about
-three times as many normal images as it promised). :meth:`Detector.predict` gives −1 exactly where
-``is_ood`` holds, +1 elsewhere; :meth:`Detector.decision_function` is ``score − threshold_``
-(negative = OOD).
-
-Why half: one detector's acceptance rate varies around its promise by about
-√(accept·(1 − accept)/n), and a threshold at 0.95 needs n ≥ 19 (38 normal images at one half, 64
-at 30%). On the README's demo (500 images, 40 random splits) the held-out flagged share varied by
-1.3 points with half held out against 2.0 with 30%, and the AUROC stayed within its noise (README,
-"Your own images"). Fitting needs at least :data:`MIN_FIT` images in the fit part (3 for a GMM
-scorer: its cross-validation needs 2 folds whose training part holds 2 images; 2 for a KDE) and
-one calibration image (:func:`min_images`); hundreds are needed for a steady threshold.
-
-The detector folder (format version 3: ``detector.json``, ``scorer.npz``, ``calibration.npz``,
-no pickle) is described in :mod:`diffpath.detector_folder`; every value in it is checked before
-use (:mod:`diffpath.detector_schema`).
-
-Robustness
-----------
-Unreadable files, folders that cannot be listed and names that are not regular files (FIFOs,
-devices) are skipped with an :class:`~diffpath.data.files.ImageSkippedWarning` and counted among
-the skipped (or refused with ``strict``); an input with no images, an incompatible detector, a
-changed model and non-finite features (named by file) are errors. The detector folder is written
-into a temporary folder beside the target and renamed into place (:func:`diffpath.io.
-atomic_folder`). A resumable model pass keeps its work in the run options' ``work_dir``
-(:mod:`diffpath.workarea`: locked against a second run, reused only when it provably belongs to
-this run, removed on success; the decoded images, which no rerun can use, removed on failure).
+What a score and the threshold mean (split-conformal, :mod:`diffpath.scoring.threshold`), why half
+of the normal images calibrate it, the folder's checks and what happens to unreadable input:
+docs/detector.md.
 """
 
 from __future__ import annotations

@@ -8,60 +8,7 @@ is saved with a detector, so that ``diffpath fit`` and ``diffpath score`` run th
 on every image. :func:`load_images` does all three for a list of files, skipping (with a warning)
 or refusing (``strict``) files that cannot be read.
 
-Formats and modes
------------------
-Any format Pillow reads; folders are searched for :data:`IMAGE_EXTENSIONS` (PNG, JPEG, BMP,
-TIFF, WebP, GIF; case-insensitive). Multi-frame files (animated GIF/WebP, multi-page TIFF) give
-their first frame. The EXIF orientation tag is applied (camera photos come out upright).
-Decoded pixels are uint8, ``(H, W)`` for grayscale modes and ``(H, W, 3)`` for colour modes:
-
-==================  ==========================================================================
-mode                becomes
-==================  ==========================================================================
-``1``               gray, 0 / 255
-``L``               gray, as is
-``LA``, ``La``      gray; alpha per :attr:`Preprocessing.alpha` (below)
-``P``, ``PA``       RGB through the palette (RGBA when the palette has transparency)
-``RGB``             as is
-``RGBA``, ``RGBa``  RGB; alpha per :attr:`Preprocessing.alpha`
-``CMYK``            RGB by Pillow's conversion (``255 − C − K`` etc., no colour management)
-``YCbCr``, ``LAB``, ``HSV``  RGB by Pillow's conversion
-``I;16*``           16-bit gray: ``round(v · 255 / (2^b − 1))`` where ``b`` is the *declared*
-                    bit depth: the PNG ``sBIT`` chunk if present (12-bit data in a 16-bit PNG
-                    gives b = 12), else the TIFF ``BitsPerSample`` tag, else 16
-``I``               32-bit integer gray: as ``I;16`` with the declared depth; when the declared
-                    depth is 32 (or unknown) but every value fits 16 bits (the usual 16-bit data
-                    stored as 32-bit), b = 16. Negative values become 0.
-``F``               float gray, taken to lie in [0, 1] (clipped), × 255; NaN/inf → unreadable
-==================  ==========================================================================
-
-**Alpha** (``alpha="composite"``, the default): the colour is composited over *black*,
-``round(c · a / 255)``, so fully transparent pixels are black (the background of the white-on-black
-sets the embedded base model knows). ``alpha="drop"`` ignores the alpha channel and keeps the
-stored colour, whatever it is under transparent pixels.
-
-Spatial size (:attr:`Preprocessing.resize`)
--------------------------------------------
-Channels are matched first (RGB → gray by ITU-R 601-2 luma, gray → RGB by repetition), then:
-
-* ``"auto"``: :func:`diffpath.data.to_model_input`'s rule: unchanged at the model's size, zero-pad
-  symmetrically when both sides are 1-4 pixels short by an even amount (28 → 32), Pillow bilinear
-  resize to ``size × size`` otherwise (the aspect ratio is not kept);
-* ``"bilinear"``: always Pillow bilinear to ``size × size`` (antialiased when shrinking);
-* ``"pad"``: zero-pad to ``size × size`` (an odd difference puts the extra row/column at the
-  bottom/right); an image larger than the model's size cannot be padded and is unreadable;
-* ``"center-crop"``: crop the central square (side = the shorter side, offsets rounded as
-  torchvision's ``CenterCrop``), then bilinear to ``size × size``: keeps the aspect ratio.
-
-Finally pixels are scaled to [-1, 1] by ``x / 127.5 − 1``.
-
-Size limit
-----------
-An image larger than :data:`MAX_PIXELS` (50 million pixels, e.g. 8000×6250) is refused *before*
-its pixels are decoded (it is skipped with a warning, or an error under ``strict``): the models
-see at most a few hundred pixels a side, and a 10000×10000 image would take gigabytes to decode.
-Set ``diffpath.data.files.MAX_PIXELS`` to change it.
-
+Formats and colour modes, alpha, the resize modes and the size limit (:data:`MAX_PIXELS`): docs/images.md.
 Demo images: ``diffpath export-images`` (:mod:`diffpath.data.export`).
 """
 
