@@ -90,7 +90,7 @@ test-deps:
 
 ## the test suite (about 5 minutes on 2 CPU cores)
 test: setup test-deps
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n 2 -p no:cacheprovider
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadscope -p no:cacheprovider
 
 ## the slow tests too (full pipelines in scratch clones, DVC remotes and queued sweeps: minutes)
 test-slow: setup

@@ -115,3 +115,14 @@ def test_colour_images_are_drawn_in_colour(tmp_path):
     a = np.asarray(Image.open(tmp_path / "f.png").convert("RGB"), float)
     red = (a[..., 0] > 200) & (a[..., 1] < 60) & (a[..., 2] < 60)
     assert red.sum() > 50
+
+
+def test_two_builds_in_one_process_give_no_warnings(tmp_path):
+    """Sphinx registers docutils nodes process-wide; a second build (another page set, another test
+    in the same worker, a notebook kernel) must not warn that they are registered already."""
+    notebooks = {}
+    for page, title in (("index", "The study"), ("walkthrough", "A walkthrough"), ("report", "The report")):
+        notebooks[page] = tmp_path / f"{page}_run.ipynb"
+        notebooks[page].write_text(json.dumps(_executed(title)))
+    assert build_site(notebooks, tmp_path / "one") == []
+    assert build_site(notebooks, tmp_path / "two") == []

@@ -162,6 +162,7 @@ def build_site(notebooks: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
     """
     from sphinx.application import Sphinx
     from sphinx.util.console import nocolor
+    from sphinx.util.docutils import docutils_namespace
 
     nocolor()  # plain warnings
 
@@ -184,9 +185,12 @@ def build_site(notebooks: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
         saved = os.environ.get("DOCUTILSCONFIG")
         os.environ["DOCUTILSCONFIG"] = ""
         try:
-            app = Sphinx(str(src), None, str(html), str(Path(tmp) / "doctrees"), "html", confoverrides=overrides,
-                         status=None, warning=warnings, freshenv=True, keep_going=True)
-            app.build(force_all=True)
+            # docutils' directives and node classes are process-wide: the namespace puts them back after
+            # the build, as sphinx-build does, so a second build in one process starts clean
+            with docutils_namespace():
+                app = Sphinx(str(src), None, str(html), str(Path(tmp) / "doctrees"), "html",
+                             confoverrides=overrides, status=None, warning=warnings, freshenv=True, keep_going=True)
+                app.build(force_all=True)
         finally:
             if saved is None:
                 os.environ.pop("DOCUTILSCONFIG", None)
