@@ -92,9 +92,10 @@ test-deps:
 test: setup test-deps
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadscope -p no:cacheprovider
 
-## the slow tests too (full pipelines in scratch clones, DVC remotes and queued sweeps: minutes)
+## the slow tests (full pipelines in scratch clones, the paper profile end to end on fakes, DVC remotes and
+## queued sweeps: minutes)
 test-slow: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n 2 -p no:cacheprovider -m slow
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n 2 --dist loadscope -p no:cacheprovider -m slow
 
 ## the paper profile (needs the internet, a GPU, and the weights; see README): one command.
 ## With a GPU: .venv-gpu/ = the GPU lock; without: .venv/ (the downloaders' torchvision and gdown are

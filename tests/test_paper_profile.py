@@ -20,6 +20,10 @@ import pytest
 import yaml
 from paper_fakes import write_fake_downloads, write_tiny_checkpoint
 
+# Every stage of dvc.yaml twice (the profile and a 64-px variant), each a process of its own: about
+# five minutes on 2 cores, as long as the rest of the suite, so it runs with `make test-slow`.
+pytestmark = pytest.mark.slow
+
 from dvc_plan import plan, run_jobs
 from diffpath.study.stages import STAGES, load_params
 
