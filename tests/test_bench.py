@@ -75,3 +75,24 @@ def test_bench_profile_writes_top_operators(tmp_path):
     assert any("conv" in r["name"] for r in prof["top"])
     shares = [r["share"] for r in prof["top"]]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-3
+
+
+def test_heldout_eps_mse_reads_folders_and_training_checkpoints_alike(tmp_path, capsys):
+    """The held-out ε-MSE of a checkpoint holding the committed model's weights as its EMA equals the
+    folder's, number for number."""
+    import json
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import heldout_eps_mse
+
+    from diffpath.models import load_model
+
+    root = Path(__file__).resolve().parents[1]
+    folder = str(root / "models" / "fashion_mnist_ddpm")
+    torch.save({"ema": load_model(folder, device="cpu").net.unet.state_dict()}, tmp_path / "ckpt.pt")
+    assert heldout_eps_mse.main([folder, str(tmp_path / "ckpt.pt"), "--like", folder, "--n", "16"]) == 0
+    a, b = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert a["n_images"] == 16 and a["timesteps"] == [50, 250, 500] and len(a["loss"]) == 3
+    assert a["loss"] == b["loss"] and 0 < a["mean"] < 1
