@@ -247,6 +247,31 @@ def test_a_rerun_gives_the_same_bytes(tmp_path):
     assert "start_time" not in meta and meta["input_path"] == "notebooks/10_data.ipynb"
 
 
+def test_executed_notebooks_keep_no_progress_bar_widgets(tmp_path):
+    """tqdm.auto draws ipywidgets bars under random model ids: two runs of one stage differed in
+    every executed notebook with a progress bar (and so in dvc.lock) until they were dropped."""
+    from diffpath.study.runner import normalize_executed
+
+    texts = []
+    for i, model_id in enumerate(("323b9504082341fc91034eda30af73fc", "4db1541b8854478dbc882e65e2ca258d")):
+        bar = {"output_type": "display_data", "metadata": {},
+               "data": {"application/vnd.jupyter.widget-view+json": {"model_id": model_id, "version_major": 2,
+                                                                      "version_minor": 0},
+                        "text/plain": ["errors:   0%|          | 0/300 [00:00<?, ?img/s]"]}}
+        printed = {"output_type": "stream", "name": "stdout", "text": ["done\n"]}
+        nb = {"cells": [{"cell_type": "code", "id": "x", "metadata": {}, "source": [], "execution_count": 1,
+                         "outputs": [bar, printed]}],
+              "metadata": {"papermill": {}, "widgets": {"application/vnd.jupyter.widget-state+json": {
+                  "state": {model_id: {"model_name": "HTMLModel"}}}}}, "nbformat": 4, "nbformat_minor": 5}
+        f = tmp_path / f"{i}.ipynb"
+        f.write_text(json.dumps(nb))
+        normalize_executed(f, "notebooks/nb.ipynb", "reports/notebooks/nb.ipynb")
+        texts.append(f.read_text())
+    assert texts[0] == texts[1]
+    got = json.loads(texts[0])
+    assert "widgets" not in got["metadata"] and got["cells"][0]["outputs"][0]["text"] == ["done\n"]
+
+
 def test_executed_notebooks_do_not_depend_on_how_printed_text_was_chunked(tmp_path):
     """The kernel may deliver the same prints as one stream output or several, as it flushes."""
     from diffpath.study.runner import normalize_executed

@@ -129,14 +129,19 @@ def _kernel_env(**env: str) -> Iterator[None]:
 _RUN_METADATA = ("duration", "start_time", "end_time")
 
 
+_WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
 def normalize_executed(path: str | os.PathLike, notebook: str, output: str,
                        root: str | os.PathLike | None = None) -> None:
     """Make an executed notebook a function of its inputs: drop the times papermill and the kernel
-    record (per notebook and per cell), write the notebook's paths relative to the study root
+    record (per notebook and per cell) and the widgets (tqdm's bars, under random ids), write the
+    notebook's paths relative to the study root
     (``root``, as it appears in printed text and warnings too: ``.``), and give papermill's injected
     cell a fixed id, so that a rerun with the same code, params and data gives the same bytes in
     any clone."""
     nb = json.loads(Path(path).read_text())
+    nb.get("metadata", {}).pop("widgets", None)  # live widgets' state, under random ids
     pm_meta = nb.get("metadata", {}).get("papermill", {})
     for key in _RUN_METADATA:
         pm_meta.pop(key, None)
@@ -148,8 +153,8 @@ def normalize_executed(path: str | os.PathLike, notebook: str, output: str,
             cell["id"] = "injected-parameters"  # papermill draws a random id for the cell it adds
         for key in _RUN_METADATA:
             meta.get("papermill", {}).pop(key, None)
-        if "outputs" in cell:
-            cell["outputs"] = _merge_streams(cell["outputs"])
+        if "outputs" in cell:  # progress-bar widgets (random model ids) are live only, never recorded
+            cell["outputs"] = _merge_streams([o for o in cell["outputs"] if _WIDGET not in o.get("data", {})])
         if root is not None:
             for out in cell.get("outputs", []):
                 _relative_text(out, str(Path(root).resolve()))
