@@ -73,7 +73,7 @@ setup-gpu: system-deps
 	$(call ensure_env,$(GPU_VENV),$(GPU_LOCK))
 
 ## the main job: rebuild every table, figure and page of the embedded profile (one line per stage
-## that runs, with its wall time; about 20 minutes on 2 CPU cores from scratch)
+## that runs, with its wall time; 10–20 minutes on 2 CPU cores from scratch)
 repro: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro --quiet
 
