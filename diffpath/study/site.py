@@ -160,6 +160,8 @@ def build_site(notebooks: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
 
     ``config`` entries override :data:`SPHINX_CONFIG`.
     """
+    from unittest.mock import patch
+
     from sphinx.application import Sphinx
     from sphinx.util.console import nocolor
     from sphinx.util.docutils import docutils_namespace
@@ -182,20 +184,12 @@ def build_site(notebooks: Mapping[str, str | os.PathLike], out_dir: str | os.Pat
         overrides = {**SPHINX_CONFIG, **(config or {})}
         # docutils would also read /etc/docutils.conf, ~/.docutils and ./docutils.conf (the working
         # folder's): an empty DOCUTILSCONFIG reads none, so the pages depend on the notebooks alone
-        saved = os.environ.get("DOCUTILSCONFIG")
-        os.environ["DOCUTILSCONFIG"] = ""
-        try:
-            # docutils' directives and node classes are process-wide: the namespace puts them back after
-            # the build, as sphinx-build does, so a second build in one process starts clean
-            with docutils_namespace():
-                app = Sphinx(str(src), None, str(html), str(Path(tmp) / "doctrees"), "html",
-                             confoverrides=overrides, status=None, warning=warnings, freshenv=True, keep_going=True)
-                app.build(force_all=True)
-        finally:
-            if saved is None:
-                os.environ.pop("DOCUTILSCONFIG", None)
-            else:
-                os.environ["DOCUTILSCONFIG"] = saved
+        # docutils' directives and node classes are process-wide: the namespace puts them back after
+        # the build, as sphinx-build does, so a second build in one process starts clean
+        with patch.dict(os.environ, {"DOCUTILSCONFIG": ""}), docutils_namespace():
+            app = Sphinx(str(src), None, str(html), str(Path(tmp) / "doctrees"), "html",
+                         confoverrides=overrides, status=None, warning=warnings, freshenv=True, keep_going=True)
+            app.build(force_all=True)
         (html / ".buildinfo").unlink(missing_ok=True)  # a hash of the settings, nothing a reader needs
         if (html / "_sources").is_dir() and not any((html / "_sources").iterdir()):
             (html / "_sources").rmdir()
